@@ -1,0 +1,326 @@
+//! The gRPC edge: parses requests, calls the engine, converts records to the wire types, and
+//! maps errors to the contract's status codes. The only module that knows the proto types of
+//! the client API.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::Stream;
+use sagad_proto::v1 as pb;
+use sagad_proto::v1::saga_orchestrator_server::SagaOrchestrator;
+use serde_json::Value;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use crate::engine::{Engine, EngineError, StartRequest};
+use crate::saga::{SagaStatus, StepStatus};
+use crate::store::{EventRecord, ListCursor, ListFilter, SagaRecord};
+
+/// The largest page a listing returns.
+pub const MAX_PAGE_SIZE: u32 = 1000;
+const DEFAULT_PAGE_SIZE: u32 = 50;
+/// The longest `GetSaga.wait_ms` honoured.
+const MAX_WAIT: Duration = Duration::from_secs(60);
+
+/// The `sagad.v1.SagaOrchestrator` service.
+pub struct Api {
+    engine: Engine,
+}
+
+impl Api {
+    pub fn new(engine: Engine) -> Self {
+        Self { engine }
+    }
+}
+
+impl From<EngineError> for Status {
+    fn from(error: EngineError) -> Self {
+        let message = error.to_string();
+        match error {
+            EngineError::UnknownSagaType(_) | EngineError::InvalidInput(_) => {
+                Status::invalid_argument(message)
+            }
+            EngineError::IdempotencyKeyReused { .. } => Status::already_exists(message),
+            EngineError::NotFound(_) => Status::not_found(message),
+            EngineError::NotCancellable(_) => Status::failed_precondition(message),
+            EngineError::VersionNotReached { .. } => Status::deadline_exceeded(message),
+            EngineError::Contended(_) => Status::aborted(message),
+            EngineError::Store(_) => Status::unavailable(message),
+            EngineError::CorruptLog { .. } => Status::internal(message),
+        }
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::SagaEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl SagaOrchestrator for Api {
+    async fn start_saga(
+        &self,
+        request: Request<pb::StartSagaRequest>,
+    ) -> Result<Response<pb::StartSagaResponse>, Status> {
+        let request = request.into_inner();
+        if request.saga_type.is_empty() {
+            return Err(Status::invalid_argument("saga_type is required"));
+        }
+        let input = match request.input {
+            Some(input) => struct_to_json(&input)?,
+            None => Value::Object(Default::default()),
+        };
+        let started = self
+            .engine
+            .start_saga(StartRequest {
+                saga_type: request.saga_type,
+                idempotency_key: request.idempotency_key,
+                input,
+                correlation_id: request.correlation_id,
+            })
+            .await?;
+        Ok(Response::new(pb::StartSagaResponse {
+            saga_id: started.record.saga_id.to_string(),
+            created: started.created,
+            saga: Some(saga_message(&started.record, Vec::new())?),
+        }))
+    }
+
+    async fn get_saga(
+        &self,
+        request: Request<pb::GetSagaRequest>,
+    ) -> Result<Response<pb::Saga>, Status> {
+        let request = request.into_inner();
+        let saga_id = parse_saga_id(&request.saga_id)?;
+        let wait = Duration::from_millis(u64::from(request.wait_ms)).min(MAX_WAIT);
+        let record = self
+            .engine
+            .get_saga(saga_id, request.min_version, wait)
+            .await?;
+        let history = self.engine.history(saga_id).await?;
+        Ok(Response::new(saga_message(&record, history)?))
+    }
+
+    async fn list_sagas(
+        &self,
+        request: Request<pb::ListSagasRequest>,
+    ) -> Result<Response<pb::ListSagasResponse>, Status> {
+        let request = request.into_inner();
+        if request.page_size > MAX_PAGE_SIZE {
+            return Err(Status::invalid_argument(format!(
+                "page_size {} is over the limit of {MAX_PAGE_SIZE}",
+                request.page_size
+            )));
+        }
+        let page_size = if request.page_size == 0 {
+            DEFAULT_PAGE_SIZE
+        } else {
+            request.page_size
+        };
+        let statuses = request
+            .statuses
+            .iter()
+            .map(|&status| saga_status_from_wire(status))
+            .collect::<Result<Vec<_>, _>>()?;
+        let after = if request.page_token.is_empty() {
+            None
+        } else {
+            Some(parse_page_token(&request.page_token)?)
+        };
+        let filter = ListFilter {
+            saga_type: Some(request.saga_type).filter(|saga_type| !saga_type.is_empty()),
+            statuses,
+            // One more than asked tells whether another page follows.
+            limit: page_size + 1,
+            after,
+        };
+        let mut records = self.engine.list_sagas(&filter).await?;
+        let next_page_token = if records.len() > page_size as usize {
+            records.truncate(page_size as usize);
+            records
+                .last()
+                .map(|last| page_token(last.created_at, last.saga_id))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let sagas = records
+            .iter()
+            .map(|record| saga_message(record, Vec::new()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Response::new(pb::ListSagasResponse {
+            sagas,
+            next_page_token,
+        }))
+    }
+
+    type WatchSagaStream = EventStream;
+
+    async fn watch_saga(
+        &self,
+        _request: Request<pb::WatchSagaRequest>,
+    ) -> Result<Response<Self::WatchSagaStream>, Status> {
+        Err(Status::unimplemented(
+            "WatchSaga is not available yet: GetSaga returns the history",
+        ))
+    }
+
+    async fn cancel_saga(
+        &self,
+        request: Request<pb::CancelSagaRequest>,
+    ) -> Result<Response<pb::Saga>, Status> {
+        let request = request.into_inner();
+        let saga_id = parse_saga_id(&request.saga_id)?;
+        let reason = if request.reason.is_empty() {
+            "cancelled by request".to_owned()
+        } else {
+            request.reason
+        };
+        let record = self.engine.cancel_saga(saga_id, &reason).await?;
+        let history = self.engine.history(saga_id).await?;
+        Ok(Response::new(saga_message(&record, history)?))
+    }
+
+    async fn retry_saga(
+        &self,
+        _request: Request<pb::RetrySagaRequest>,
+    ) -> Result<Response<pb::Saga>, Status> {
+        Err(Status::unimplemented("RetrySaga is not available yet"))
+    }
+}
+
+fn parse_saga_id(text: &str) -> Result<Uuid, Status> {
+    if text.is_empty() {
+        return Err(Status::invalid_argument("saga_id is required"));
+    }
+    Uuid::parse_str(text)
+        .map_err(|_| Status::invalid_argument(format!("saga_id {text:?} is not a UUID")))
+}
+
+fn page_token(created_at: DateTime<Utc>, saga_id: Uuid) -> String {
+    format!("{}.{}", created_at.timestamp_micros(), saga_id.simple())
+}
+
+fn parse_page_token(token: &str) -> Result<ListCursor, Status> {
+    let invalid = || Status::invalid_argument(format!("page_token {token:?} is not valid"));
+    let (micros, saga_id) = token.split_once('.').ok_or_else(invalid)?;
+    let micros: i64 = micros.parse().map_err(|_| invalid())?;
+    Ok(ListCursor {
+        created_at: DateTime::from_timestamp_micros(micros).ok_or_else(invalid)?,
+        saga_id: Uuid::parse_str(saga_id).map_err(|_| invalid())?,
+    })
+}
+
+fn struct_to_json(input: &pbjson_types::Struct) -> Result<Value, Status> {
+    serde_json::to_value(input)
+        .map_err(|error| Status::invalid_argument(format!("input is not valid JSON: {error}")))
+}
+
+fn json_to_struct(value: &Value) -> Result<Option<pbjson_types::Struct>, Status> {
+    match value {
+        Value::Null => Ok(None),
+        Value::Object(_) => serde_json::from_value(value.clone())
+            .map(Some)
+            .map_err(|error| Status::internal(format!("cannot encode a document: {error}"))),
+        // A non-object document (an event's scalar field, say) is wrapped to fit a Struct.
+        other => json_to_struct(&serde_json::json!({ "value": other })),
+    }
+}
+
+fn timestamp(at: DateTime<Utc>) -> pbjson_types::Timestamp {
+    pbjson_types::Timestamp {
+        seconds: at.timestamp(),
+        nanos: i32::try_from(at.timestamp_subsec_nanos()).unwrap_or_default(),
+    }
+}
+
+fn saga_status_to_wire(status: SagaStatus) -> pb::SagaStatus {
+    match status {
+        SagaStatus::Running => pb::SagaStatus::Running,
+        SagaStatus::Compensating => pb::SagaStatus::Compensating,
+        SagaStatus::Completed => pb::SagaStatus::Completed,
+        SagaStatus::Compensated => pb::SagaStatus::Compensated,
+        SagaStatus::Failed => pb::SagaStatus::Failed,
+    }
+}
+
+fn saga_status_from_wire(status: i32) -> Result<SagaStatus, Status> {
+    match pb::SagaStatus::try_from(status) {
+        Ok(pb::SagaStatus::Running) => Ok(SagaStatus::Running),
+        Ok(pb::SagaStatus::Compensating) => Ok(SagaStatus::Compensating),
+        Ok(pb::SagaStatus::Completed) => Ok(SagaStatus::Completed),
+        Ok(pb::SagaStatus::Compensated) => Ok(SagaStatus::Compensated),
+        Ok(pb::SagaStatus::Failed) => Ok(SagaStatus::Failed),
+        Ok(pb::SagaStatus::Unspecified) | Err(_) => Err(Status::invalid_argument(format!(
+            "statuses: {status} is not a saga status"
+        ))),
+    }
+}
+
+fn step_status_to_wire(status: StepStatus) -> pb::StepStatus {
+    match status {
+        StepStatus::Pending => pb::StepStatus::Pending,
+        StepStatus::Running => pb::StepStatus::Running,
+        StepStatus::Succeeded => pb::StepStatus::Succeeded,
+        StepStatus::Failed => pb::StepStatus::Failed,
+        StepStatus::Compensating => pb::StepStatus::Compensating,
+        StepStatus::Compensated => pb::StepStatus::Compensated,
+        StepStatus::CompensationFailed => pb::StepStatus::CompensationFailed,
+    }
+}
+
+fn event_message(event: EventRecord) -> Result<pb::SagaEvent, Status> {
+    let mut data = event.data;
+    // The type is a field of its own on the wire.
+    if let Value::Object(fields) = &mut data {
+        fields.remove("type");
+    }
+    Ok(pb::SagaEvent {
+        seq: event.seq,
+        r#type: event.event_type,
+        step: event.step.unwrap_or_default(),
+        data: json_to_struct(&data)?,
+        recorded_at: Some(timestamp(event.recorded_at)),
+    })
+}
+
+fn saga_message(record: &SagaRecord, history: Vec<EventRecord>) -> Result<pb::Saga, Status> {
+    let projection = &record.projection;
+    let steps = projection
+        .steps
+        .iter()
+        .map(|step| {
+            Ok(pb::Step {
+                name: step.name.clone(),
+                participant: step.participant.clone(),
+                status: step_status_to_wire(step.status).into(),
+                attempts: step.attempts,
+                compensation_attempts: step.compensation_attempts,
+                last_error: step.last_error.clone().unwrap_or_default(),
+                output: step
+                    .output
+                    .as_ref()
+                    .map(json_to_struct)
+                    .transpose()?
+                    .flatten(),
+            })
+        })
+        .collect::<Result<Vec<_>, Status>>()?;
+    Ok(pb::Saga {
+        saga_id: record.saga_id.to_string(),
+        saga_type: projection.saga_type.clone(),
+        definition_version: projection.definition_version,
+        status: saga_status_to_wire(projection.status).into(),
+        input: json_to_struct(&projection.input)?,
+        context: json_to_struct(&projection.context)?,
+        failure_reason: projection.failure_reason.clone().unwrap_or_default(),
+        steps,
+        version: projection.version,
+        correlation_id: projection.correlation_id.clone(),
+        idempotency_key: projection.idempotency_key.clone().unwrap_or_default(),
+        created_at: Some(timestamp(record.created_at)),
+        updated_at: Some(timestamp(record.updated_at)),
+        history: history
+            .into_iter()
+            .map(event_message)
+            .collect::<Result<Vec<_>, _>>()?,
+    })
+}

@@ -1,0 +1,83 @@
+//! The daemon's configuration: flags with environment fallbacks, parsed and validated once at
+//! start, then passed down.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// sagad: the saga orchestrator daemon.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "sagad", version, about)]
+pub struct Config {
+    /// Postgres URL; the database is created if missing and migrated at start.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: String,
+
+    /// gRPC address.
+    #[arg(long, env = "SAGAD_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    /// Folder of saga definitions (*.toml).
+    #[arg(long, env = "SAGAD_DEFS", default_value = "./saga-defs")]
+    pub defs: PathBuf,
+
+    /// Where a participant named in the definitions is reached: NAME=URI (repeatable).
+    #[arg(
+        long = "participant",
+        value_name = "NAME=URI",
+        env = "SAGAD_PARTICIPANTS",
+        value_delimiter = ',',
+        value_parser = parse_participant
+    )]
+    pub participants: Vec<(String, String)>,
+
+    /// HTTP address serving `GET /metrics` in the Prometheus text format.
+    #[arg(long, env = "SAGAD_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
+    pub metrics_listen: SocketAddr,
+
+    /// How long to wait for an unreachable database at start before giving up.
+    #[arg(long, env = "SAGAD_DATABASE_WAIT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub database_wait: Duration,
+
+    /// Calls in flight to one participant at most, across all sagas.
+    #[arg(long, env = "SAGAD_PARTICIPANT_CONCURRENCY", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub participant_concurrency: u32,
+
+    /// How long a graceful shutdown lets calls in flight finish.
+    #[arg(long, env = "SAGAD_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+impl Config {
+    /// Participant addresses by name; a name given twice is an error naming the flag.
+    pub fn participant_addresses(&self) -> Result<BTreeMap<String, String>, String> {
+        let mut addresses = BTreeMap::new();
+        for (name, uri) in &self.participants {
+            if addresses.insert(name.clone(), uri.clone()).is_some() {
+                return Err(format!("--participant: {name:?} is given twice"));
+            }
+        }
+        Ok(addresses)
+    }
+}
+
+fn parse_participant(value: &str) -> Result<(String, String), String> {
+    let (name, uri) = value
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=URI, got {value:?}"))?;
+    let name = name.trim();
+    let uri = uri.trim();
+    if name.is_empty() || uri.is_empty() {
+        return Err(format!("expected NAME=URI, got {value:?}"));
+    }
+    if !(uri.starts_with("http://") || uri.starts_with("https://")) {
+        return Err(format!(
+            "{name}: URI must start with http:// or https://, got {uri:?}"
+        ));
+    }
+    Ok((name.to_owned(), uri.to_owned()))
+}

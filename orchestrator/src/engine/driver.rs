@@ -1,0 +1,137 @@
+//! Drives one saga: ask the core, make the one call, append the outcome, repeat. Nothing that
+//! matters is held only here: the outcome of every call is in the log before the next decision,
+//! and a retry's time is in the log before the wait.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use sagad_proto::participant::v1::StepCommand;
+use tokio::sync::Notify;
+
+use super::participants::Call;
+use super::{Engine, projection};
+use crate::saga::{Command, CommandKind, Decision, Event, Saga};
+use crate::store::{SagaWrite, WriteOutcome};
+
+/// How long a driver waits before trying again when the database fails it.
+const STORE_RETRY_DELAY: Duration = Duration::from_secs(1);
+
+pub(super) async fn drive(engine: &Engine, mut saga: Saga, bell: &Notify) {
+    let shutdown = &engine.inner.shutdown;
+    loop {
+        if shutdown.is_cancelled() {
+            return;
+        }
+        let now = Utc::now();
+        let events = match saga.decide(now) {
+            Decision::Ended => return,
+            Decision::Finish(event) => vec![event],
+            Decision::WaitUntil(at) => {
+                let wait = (at - now).to_std().unwrap_or_default();
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => continue,
+                    () = bell.notified() => {}
+                    () = shutdown.cancelled() => return,
+                }
+                match reload(engine, &saga).await {
+                    Some(fresh) => saga = fresh,
+                    None => return,
+                }
+                continue;
+            }
+            Decision::Call(command) => {
+                let call = prepare_call(&saga, command);
+                // A call in flight is allowed to finish at shutdown (it is bounded by the step's
+                // timeout); a cancellation interrupts it, and the step is compensated.
+                let outcome = tokio::select! {
+                    outcome = engine.inner.participants.call(call) => outcome,
+                    () = bell.notified() => {
+                        match reload(engine, &saga).await {
+                            Some(fresh) => saga = fresh,
+                            None => return,
+                        }
+                        continue;
+                    }
+                };
+                saga.record_outcome(command, outcome, Utc::now(), fastrand::f64())
+            }
+        };
+        match commit(engine, &saga, events).await {
+            Some(next) => saga = next,
+            None => return,
+        }
+    }
+}
+
+fn prepare_call(saga: &Saga, command: Command) -> Call {
+    let step = saga.step_definition(command.step);
+    let (action, compensate) = match command.kind {
+        CommandKind::Execute => (step.action.clone(), false),
+        CommandKind::Compensate => (step.compensation.clone().unwrap_or_default(), true),
+    };
+    Call {
+        participant: step.participant.clone(),
+        compensate,
+        timeout: step.timeout,
+        command: StepCommand {
+            saga_id: saga.id.to_string(),
+            saga_type: saga.saga_type.clone(),
+            step: step.name.clone(),
+            action,
+            idempotency_key: saga.idempotency_key(command),
+            attempt: command.attempt,
+            input: serde_json::from_value(saga.context()).ok(),
+            correlation_id: saga.correlation_id.clone(),
+        },
+    }
+}
+
+/// Appends `events` and returns the saga after them; after a conflict or a database failure,
+/// the saga as the log has it. `None`: stop driving (shutdown, or a log that cannot be read).
+async fn commit(engine: &Engine, saga: &Saga, events: Vec<Event>) -> Option<Saga> {
+    let mut next = saga.clone();
+    for event in &events {
+        if let Err(error) = next.apply(event) {
+            tracing::error!(saga_id = %saga.id, %error, "the core produced an event it cannot apply");
+            return None;
+        }
+    }
+    let write = SagaWrite {
+        saga_id: saga.id,
+        expected_version: saga.version,
+        events,
+        projection: projection(&next),
+    };
+    match engine.inner.writer.write(write).await {
+        Ok(WriteOutcome::Written) => Some(next),
+        Ok(WriteOutcome::Conflict) => reload(engine, saga).await,
+        Err(error) => {
+            tracing::warn!(saga_id = %saga.id, %error, "cannot record the outcome; will retry");
+            tokio::select! {
+                () = tokio::time::sleep(STORE_RETRY_DELAY) => {}
+                () = engine.inner.shutdown.cancelled() => return None,
+            }
+            reload(engine, saga).await
+        }
+    }
+}
+
+/// The saga as its log has it now, retrying while the database fails.
+async fn reload(engine: &Engine, saga: &Saga) -> Option<Saga> {
+    loop {
+        match engine.load(saga.id).await {
+            Ok(fresh) => return Some(fresh),
+            Err(super::EngineError::Store(error)) => {
+                tracing::warn!(saga_id = %saga.id, %error, "cannot read the saga log; will retry");
+                tokio::select! {
+                    () = tokio::time::sleep(STORE_RETRY_DELAY) => {}
+                    () = engine.inner.shutdown.cancelled() => return None,
+                }
+            }
+            Err(error) => {
+                tracing::error!(saga_id = %saga.id, %error, "cannot resume saga");
+                return None;
+            }
+        }
+    }
+}

@@ -1,0 +1,443 @@
+//! The engine is a thin shell around the saga core: it records new sagas, drives each one (ask
+//! the core what to do, make the one participant call, append the outcome, repeat), resumes
+//! unfinished sagas at start, and answers queries through the store. A saga accepted here is
+//! driven at once in memory; only retries wait on a timer, and that timer is in the database.
+
+mod driver;
+mod participants;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use serde_json::Value;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use crate::definition::DefinitionSet;
+use crate::saga::{CannotCancel, Event, Saga};
+use crate::store::{
+    EventRecord, ListFilter, Projection, SagaRecord, SagaWrite, Store, StoreError, WriteOutcome,
+    Writer,
+};
+
+pub use participants::{BadParticipantAddress, Participants};
+
+/// The largest saga input accepted, in bytes of JSON.
+pub const MAX_INPUT_BYTES: usize = 256 * 1024;
+
+/// Why the engine refused or could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("unknown saga type {0:?}")]
+    UnknownSagaType(String),
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    #[error("idempotency key {key:?} was already used for saga {saga_id} with a different input")]
+    IdempotencyKeyReused { key: String, saga_id: Uuid },
+    #[error("saga {0} not found")]
+    NotFound(Uuid),
+    #[error("{0}")]
+    NotCancellable(#[from] CannotCancel),
+    #[error("saga {saga_id} did not reach version {min_version} in time (it is at {version})")]
+    VersionNotReached {
+        saga_id: Uuid,
+        min_version: u64,
+        version: u64,
+    },
+    #[error("the saga {0} was changed by others too often; try again")]
+    Contended(Uuid),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("corrupt saga log for {saga_id}: {message}")]
+    CorruptLog { saga_id: Uuid, message: String },
+}
+
+/// A request to start a saga, as the API parsed it.
+#[derive(Debug, Clone)]
+pub struct StartRequest {
+    pub saga_type: String,
+    /// Empty: every call makes a new saga.
+    pub idempotency_key: String,
+    pub input: Value,
+    pub correlation_id: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Started {
+    /// `false` when the idempotency key named a saga that already existed.
+    pub created: bool,
+    pub record: SagaRecord,
+}
+
+/// The running engine; cloning it is cheap.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    writer: Writer,
+    definitions: DefinitionSet,
+    participants: Participants,
+    /// The sagas driven by this instance, each with the bell that interrupts its wait or call.
+    drivers: Mutex<HashMap<Uuid, Arc<Notify>>>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Engine {
+    pub fn new(
+        store: Store,
+        writer: Writer,
+        definitions: DefinitionSet,
+        participants: Participants,
+    ) -> Engine {
+        Engine {
+            inner: Arc::new(Inner {
+                store,
+                writer,
+                definitions,
+                participants,
+                drivers: Mutex::new(HashMap::new()),
+                shutdown: CancellationToken::new(),
+                tasks: TaskTracker::new(),
+            }),
+        }
+    }
+
+    /// Resumes every saga that has not ended; in-flight calls are re-sent with their same key.
+    pub async fn recover(&self) -> Result<usize, EngineError> {
+        let ids = self.inner.store.unfinished_sagas().await?;
+        let count = ids.len();
+        for saga_id in ids {
+            match self.load(saga_id).await {
+                Ok(saga) => self.drive(saga),
+                Err(error) => tracing::error!(%saga_id, %error, "cannot resume saga"),
+            }
+        }
+        Ok(count)
+    }
+
+    /// Records a new saga durably and starts driving it; answers only after the commit.
+    pub async fn start_saga(&self, request: StartRequest) -> Result<Started, EngineError> {
+        let definition = self
+            .inner
+            .definitions
+            .newest(&request.saga_type)
+            .ok_or_else(|| EngineError::UnknownSagaType(request.saga_type.clone()))?;
+        validate_input(&request.input, &definition.required_input)?;
+        let key = request.idempotency_key.clone();
+        if !key.is_empty()
+            && let Some(existing) = self
+                .inner
+                .store
+                .find_by_idempotency_key(&request.saga_type, &key)
+                .await?
+        {
+            return same_start(existing, &request);
+        }
+
+        let saga_id = Uuid::now_v7();
+        let correlation_id = if request.correlation_id.is_empty() {
+            saga_id.to_string()
+        } else {
+            request.correlation_id.clone()
+        };
+        let started = Event::SagaStarted {
+            saga_type: request.saga_type.clone(),
+            definition: (*definition).clone(),
+            input: request.input.clone(),
+            correlation_id,
+            idempotency_key: key.clone(),
+        };
+        let saga = Saga::started(saga_id, &started).map_err(|error| EngineError::CorruptLog {
+            saga_id,
+            message: error.to_string(),
+        })?;
+        let write = SagaWrite {
+            saga_id,
+            expected_version: 0,
+            events: vec![started],
+            projection: projection(&saga),
+        };
+        match self.inner.writer.write(write).await? {
+            WriteOutcome::Written => {
+                let now = Utc::now();
+                let record = SagaRecord {
+                    saga_id,
+                    projection: projection(&saga),
+                    created_at: now,
+                    updated_at: now,
+                };
+                self.drive(saga);
+                Ok(Started {
+                    created: true,
+                    record,
+                })
+            }
+            // Another start with this key won the race.
+            WriteOutcome::Conflict => {
+                let existing = self
+                    .inner
+                    .store
+                    .find_by_idempotency_key(&request.saga_type, &key)
+                    .await?
+                    .ok_or(EngineError::Contended(saga_id))?;
+                same_start(existing, &request)
+            }
+        }
+    }
+
+    /// The saga's read model; with `min_version`, waits up to `wait` for it to get there.
+    pub async fn get_saga(
+        &self,
+        saga_id: Uuid,
+        min_version: u64,
+        wait: Duration,
+    ) -> Result<SagaRecord, EngineError> {
+        let mut committed = self.inner.writer.subscribe();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let record = self
+                .inner
+                .store
+                .get_saga(saga_id)
+                .await?
+                .ok_or(EngineError::NotFound(saga_id))?;
+            let version = record.projection.version;
+            if version >= min_version {
+                return Ok(record);
+            }
+            // Woken by this instance's commits; the short tick covers writes by other instances.
+            let woken = tokio::time::timeout_at(deadline, async {
+                let tick = tokio::time::sleep(Duration::from_millis(250));
+                tokio::pin!(tick);
+                loop {
+                    tokio::select! {
+                        () = &mut tick => return,
+                        announced = committed.recv() => match announced {
+                            Ok((id, _)) if id != saga_id => {}
+                            _ => return,
+                        },
+                    }
+                }
+            })
+            .await;
+            if woken.is_err() {
+                return Err(EngineError::VersionNotReached {
+                    saga_id,
+                    min_version,
+                    version,
+                });
+            }
+        }
+    }
+
+    pub async fn history(&self, saga_id: Uuid) -> Result<Vec<EventRecord>, EngineError> {
+        Ok(self.inner.store.history(saga_id).await?)
+    }
+
+    pub async fn list_sagas(&self, filter: &ListFilter) -> Result<Vec<SagaRecord>, EngineError> {
+        Ok(self.inner.store.list_sagas(filter).await?)
+    }
+
+    /// Stops a running saga going forward and has it compensate, the step in flight first. A
+    /// saga already compensating is left as it is; an ended one is refused.
+    pub async fn cancel_saga(
+        &self,
+        saga_id: Uuid,
+        reason: &str,
+    ) -> Result<SagaRecord, EngineError> {
+        const ATTEMPTS: usize = 20;
+        for _ in 0..ATTEMPTS {
+            let saga = self.load(saga_id).await?;
+            let events = saga.cancel(reason, Utc::now())?;
+            if events.is_empty() {
+                break;
+            }
+            let mut next = saga.clone();
+            for event in &events {
+                next.apply(event).map_err(|error| EngineError::CorruptLog {
+                    saga_id,
+                    message: error.to_string(),
+                })?;
+            }
+            let write = SagaWrite {
+                saga_id,
+                expected_version: saga.version,
+                events,
+                projection: projection(&next),
+            };
+            match self.inner.writer.write(write).await? {
+                WriteOutcome::Written => {
+                    self.wake_or_drive(next);
+                    break;
+                }
+                // The driver recorded an outcome first: read again and decide again.
+                WriteOutcome::Conflict => tokio::task::yield_now().await,
+            }
+        }
+        let record = self
+            .inner
+            .store
+            .get_saga(saga_id)
+            .await?
+            .ok_or(EngineError::NotFound(saga_id))?;
+        if record.projection.status == crate::saga::SagaStatus::Running {
+            return Err(EngineError::Contended(saga_id));
+        }
+        Ok(record)
+    }
+
+    /// Stops driving: no new calls start; calls in flight finish and are recorded, for up to
+    /// `drain`. What is left is resumed from the log by the next start.
+    pub async fn shutdown(&self, drain: Duration) {
+        self.inner.shutdown.cancel();
+        self.inner.tasks.close();
+        if tokio::time::timeout(drain, self.inner.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "some sagas were still in flight at shutdown; they resume at next start"
+            );
+        }
+    }
+
+    /// Sagas being driven by this instance right now.
+    pub fn active_sagas(&self) -> usize {
+        self.inner
+            .drivers
+            .lock()
+            .map(|drivers| drivers.len())
+            .unwrap_or(0)
+    }
+
+    async fn load(&self, saga_id: Uuid) -> Result<Saga, EngineError> {
+        let events = self.inner.store.load_events(saga_id).await?;
+        if events.is_empty() {
+            return Err(EngineError::NotFound(saga_id));
+        }
+        Saga::replay(saga_id, &events).map_err(|error| EngineError::CorruptLog {
+            saga_id,
+            message: error.to_string(),
+        })
+    }
+
+    /// Interrupts the saga's driver so it reads the log again, or starts one.
+    fn wake_or_drive(&self, saga: Saga) {
+        let bell = self
+            .inner
+            .drivers
+            .lock()
+            .ok()
+            .and_then(|drivers| drivers.get(&saga.id).cloned());
+        match bell {
+            Some(bell) => bell.notify_one(),
+            None => self.drive(saga),
+        }
+    }
+
+    /// Starts driving a saga unless this instance already does.
+    fn drive(&self, saga: Saga) {
+        if self.inner.shutdown.is_cancelled() {
+            return;
+        }
+        let bell = Arc::new(Notify::new());
+        {
+            let Ok(mut drivers) = self.inner.drivers.lock() else {
+                return;
+            };
+            if drivers.contains_key(&saga.id) {
+                return;
+            }
+            drivers.insert(saga.id, bell.clone());
+        }
+        let engine = self.clone();
+        self.inner.tasks.spawn(async move {
+            let saga_id = saga.id;
+            driver::drive(&engine, saga, &bell).await;
+            if let Ok(mut drivers) = engine.inner.drivers.lock() {
+                drivers.remove(&saga_id);
+            }
+        });
+    }
+}
+
+/// The read model of a saga as the core has it.
+fn projection(saga: &Saga) -> Projection {
+    Projection {
+        saga_type: saga.saga_type.clone(),
+        definition_version: saga.definition.version,
+        status: saga.status(),
+        input: saga.input.clone(),
+        context: saga.context(),
+        steps: saga.step_views(),
+        failure_reason: saga.failure_reason.clone(),
+        version: saga.version,
+        correlation_id: saga.correlation_id.clone(),
+        idempotency_key: Some(saga.idempotency_key.clone()).filter(|key| !key.is_empty()),
+        wake_at: saga.wake_at(Utc::now()),
+    }
+}
+
+fn validate_input(input: &Value, required: &[String]) -> Result<(), EngineError> {
+    let Value::Object(fields) = input else {
+        return Err(EngineError::InvalidInput(
+            "input must be an object".to_owned(),
+        ));
+    };
+    let size = serde_json::to_vec(input)
+        .map_err(|error| EngineError::InvalidInput(error.to_string()))?
+        .len();
+    if size > MAX_INPUT_BYTES {
+        return Err(EngineError::InvalidInput(format!(
+            "input is {size} bytes, over the limit of {MAX_INPUT_BYTES}"
+        )));
+    }
+    for field in required {
+        if fields.get(field).is_none_or(Value::is_null) {
+            return Err(EngineError::InvalidInput(format!(
+                "missing required field {field:?}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A repeated start: the same saga if the input is the same, a refusal if not.
+fn same_start(existing: SagaRecord, request: &StartRequest) -> Result<Started, EngineError> {
+    if same_json(&existing.projection.input, &request.input) {
+        Ok(Started {
+            created: false,
+            record: existing,
+        })
+    } else {
+        Err(EngineError::IdempotencyKeyReused {
+            key: request.idempotency_key.clone(),
+            saga_id: existing.saga_id,
+        })
+    }
+}
+
+/// JSON equality that holds across the database's number round trip (`1` and `1.0` are equal).
+fn same_json(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
+        (Value::Array(xs), Value::Array(ys)) => {
+            xs.len() == ys.len() && xs.iter().zip(ys).all(|(x, y)| same_json(x, y))
+        }
+        (Value::Object(xs), Value::Object(ys)) => {
+            xs.len() == ys.len()
+                && xs
+                    .iter()
+                    .all(|(key, x)| ys.get(key).is_some_and(|y| same_json(x, y)))
+        }
+        _ => a == b,
+    }
+}

@@ -1,0 +1,12 @@
+//! sagad: a saga orchestrator. Sagas are event-sourced in Postgres, driven over gRPC, and
+//! compensated newest first when a step is refused or cannot be got through.
+//!
+//! Data flows one way: `api` → `engine` → `saga` (the pure core) and `store` (all SQL).
+//! `definition` parses and validates the saga definitions.
+
+pub mod api;
+pub mod config;
+pub mod definition;
+pub mod engine;
+pub mod saga;
+pub mod store;

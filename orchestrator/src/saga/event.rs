@@ -1,0 +1,110 @@
+//! The events of a saga's log. They are the truth: a saga's state is the fold of its events, so
+//! an event says what happened, never what to do next.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::definition::SagaDefinition;
+
+/// One entry of a saga's append-only log, stored as JSON with its `type` as the tag.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    /// Always the first event: it snapshots the definition, so editing a file never changes a
+    /// running saga.
+    SagaStarted {
+        saga_type: String,
+        definition: SagaDefinition,
+        input: Value,
+        correlation_id: String,
+        idempotency_key: String,
+    },
+    StepSucceeded {
+        step: String,
+        attempt: u32,
+        output: Value,
+    },
+    /// A business refusal: the step took no effect and is not compensated.
+    StepRefused {
+        step: String,
+        attempt: u32,
+        code: String,
+        reason: String,
+    },
+    /// A transient failure. `retry_at` is the durable timer of the next attempt; `None` means
+    /// the attempts are exhausted and the step may have taken effect.
+    StepAttemptFailed {
+        step: String,
+        attempt: u32,
+        error: String,
+        retry_at: Option<DateTime<Utc>>,
+    },
+    /// An operator stopped the saga going forward.
+    CancelRequested {
+        reason: String,
+    },
+    CompensationSucceeded {
+        step: String,
+        attempt: u32,
+    },
+    /// A transient failure of a compensation; `None` means its attempts are exhausted.
+    CompensationAttemptFailed {
+        step: String,
+        attempt: u32,
+        error: String,
+        retry_at: Option<DateTime<Utc>>,
+    },
+    /// The participant refused to undo the step: an operator must act.
+    CompensationRefused {
+        step: String,
+        attempt: u32,
+        code: String,
+        reason: String,
+    },
+    SagaCompleted,
+    SagaCompensated,
+    SagaFailed {
+        reason: String,
+    },
+}
+
+impl Event {
+    /// The name stored in the log's `event_type` column and shown in history.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Event::SagaStarted { .. } => "saga_started",
+            Event::StepSucceeded { .. } => "step_succeeded",
+            Event::StepRefused { .. } => "step_refused",
+            Event::StepAttemptFailed { .. } => "step_attempt_failed",
+            Event::CancelRequested { .. } => "cancel_requested",
+            Event::CompensationSucceeded { .. } => "compensation_succeeded",
+            Event::CompensationAttemptFailed { .. } => "compensation_attempt_failed",
+            Event::CompensationRefused { .. } => "compensation_refused",
+            Event::SagaCompleted => "saga_completed",
+            Event::SagaCompensated => "saga_compensated",
+            Event::SagaFailed { .. } => "saga_failed",
+        }
+    }
+
+    /// The step the event is about, if any.
+    pub fn step(&self) -> Option<&str> {
+        match self {
+            Event::StepSucceeded { step, .. }
+            | Event::StepRefused { step, .. }
+            | Event::StepAttemptFailed { step, .. }
+            | Event::CompensationSucceeded { step, .. }
+            | Event::CompensationAttemptFailed { step, .. }
+            | Event::CompensationRefused { step, .. } => Some(step),
+            _ => None,
+        }
+    }
+
+    /// Whether this event ends the saga.
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            Event::SagaCompleted | Event::SagaCompensated | Event::SagaFailed { .. }
+        )
+    }
+}

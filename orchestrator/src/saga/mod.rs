@@ -1,0 +1,647 @@
+//! The pure saga core: a saga's state is the fold of its events, and `decide` says what to do
+//! next. This module does no IO, reads no clock and draws no random numbers: the time and the
+//! jitter sample are passed in, so every rule here is tested exhaustively without a database.
+
+mod event;
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use crate::definition::{RetryPolicy, SagaDefinition, StepDefinition};
+
+pub use event::Event;
+
+/// The saga's status as clients see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum SagaStatus {
+    Running,
+    Compensating,
+    Completed,
+    Compensated,
+    /// Compensation could not finish: an operator must act.
+    Failed,
+}
+
+impl SagaStatus {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Completed | Self::Compensated | Self::Failed)
+    }
+
+    /// The name stored in the read model and printed by clients.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "RUNNING",
+            Self::Compensating => "COMPENSATING",
+            Self::Completed => "COMPLETED",
+            Self::Compensated => "COMPENSATED",
+            Self::Failed => "FAILED",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        [
+            Self::Running,
+            Self::Compensating,
+            Self::Completed,
+            Self::Compensated,
+            Self::Failed,
+        ]
+        .into_iter()
+        .find(|status| status.as_str() == name)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum StepStatus {
+    Pending,
+    /// The step is the current one going forward: in flight or waiting for its next attempt.
+    Running,
+    Succeeded,
+    Failed,
+    Compensating,
+    Compensated,
+    CompensationFailed,
+}
+
+/// What the core knows of one step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepState {
+    pub status: StepStatus,
+    pub attempts: u32,
+    pub compensation_attempts: u32,
+    pub last_error: Option<String>,
+    pub output: Option<Value>,
+    /// The durable timer of the next attempt (forward or compensation).
+    pub retry_at: Option<DateTime<Utc>>,
+    /// The step may have taken effect and has a compensation to undo it.
+    pub needs_compensation: bool,
+}
+
+impl StepState {
+    fn pending() -> Self {
+        Self {
+            status: StepStatus::Pending,
+            attempts: 0,
+            compensation_attempts: 0,
+            last_error: None,
+            output: None,
+            retry_at: None,
+            needs_compensation: false,
+        }
+    }
+}
+
+/// One step as the read model stores and clients see it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepView {
+    pub name: String,
+    pub participant: String,
+    pub status: StepStatus,
+    pub attempts: u32,
+    pub compensation_attempts: u32,
+    pub last_error: Option<String>,
+    pub output: Option<Value>,
+}
+
+/// Where the saga is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Forward,
+    Backward,
+    Ended(SagaStatus),
+}
+
+/// A saga as folded from its log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Saga {
+    pub id: Uuid,
+    pub saga_type: String,
+    pub definition: Arc<SagaDefinition>,
+    pub input: Value,
+    pub correlation_id: String,
+    pub idempotency_key: String,
+    pub steps: Vec<StepState>,
+    /// The seq of the last event applied (the first event has seq 1).
+    pub version: u64,
+    pub failure_reason: Option<String>,
+    phase: Phase,
+}
+
+/// An event that cannot follow the state it was applied to: a corrupt or foreign log.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ApplyError {
+    #[error("the first event of a saga must be saga_started, found {0}")]
+    NotStarted(&'static str),
+    #[error("saga_started may only be the first event")]
+    StartedTwice,
+    #[error("unknown step {0:?}")]
+    UnknownStep(String),
+    #[error("{event} cannot follow a saga that is {status}")]
+    AfterEnd {
+        event: &'static str,
+        status: &'static str,
+    },
+}
+
+/// Whether a command performs a step's action or undoes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommandKind {
+    Execute,
+    Compensate,
+}
+
+/// One participant call the saga needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Command {
+    pub kind: CommandKind,
+    pub step: usize,
+    /// 1 on the first try; a call re-sent after a crash keeps the number it had.
+    pub attempt: u32,
+}
+
+/// What to do next with a saga.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    Call(Command),
+    /// Nothing to do before this time (a retry's backoff).
+    WaitUntil(DateTime<Utc>),
+    /// Record this terminal event.
+    Finish(Event),
+    /// The saga has ended; nothing more will happen.
+    Ended,
+}
+
+/// The result of one participant call, as the engine classified it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Success {
+        output: Value,
+    },
+    /// A business refusal: not retried.
+    Refused {
+        code: String,
+        reason: String,
+    },
+    /// The call may or may not have taken effect; retried by the step's policy.
+    Transient {
+        error: String,
+    },
+}
+
+/// Why a cancellation was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("the saga is {0} and can no longer be cancelled")]
+pub struct CannotCancel(pub &'static str);
+
+impl Saga {
+    /// Folds a log into a saga; the first event must be `saga_started`.
+    pub fn replay<'a>(
+        id: Uuid,
+        events: impl IntoIterator<Item = &'a Event>,
+    ) -> Result<Saga, ApplyError> {
+        let mut events = events.into_iter();
+        let mut saga = match events.next() {
+            Some(first) => Saga::started(id, first)?,
+            None => return Err(ApplyError::NotStarted("nothing")),
+        };
+        for event in events {
+            saga.apply(event)?;
+        }
+        Ok(saga)
+    }
+
+    /// A saga from its first event.
+    pub fn started(id: Uuid, event: &Event) -> Result<Saga, ApplyError> {
+        let Event::SagaStarted {
+            saga_type,
+            definition,
+            input,
+            correlation_id,
+            idempotency_key,
+        } = event
+        else {
+            return Err(ApplyError::NotStarted(event.type_name()));
+        };
+        let mut steps = vec![StepState::pending(); definition.steps.len()];
+        if let Some(first) = steps.first_mut() {
+            first.status = StepStatus::Running;
+        }
+        Ok(Saga {
+            id,
+            saga_type: saga_type.clone(),
+            definition: Arc::new(definition.clone()),
+            input: input.clone(),
+            correlation_id: correlation_id.clone(),
+            idempotency_key: idempotency_key.clone(),
+            steps,
+            version: 1,
+            failure_reason: None,
+            phase: Phase::Forward,
+        })
+    }
+
+    pub fn status(&self) -> SagaStatus {
+        match self.phase {
+            Phase::Forward => SagaStatus::Running,
+            Phase::Backward => SagaStatus::Compensating,
+            Phase::Ended(status) => status,
+        }
+    }
+
+    /// Applies one event. It never panics: an event that cannot follow is an error and leaves
+    /// the saga as it was.
+    pub fn apply(&mut self, event: &Event) -> Result<(), ApplyError> {
+        if let Phase::Ended(status) = self.phase {
+            return Err(ApplyError::AfterEnd {
+                event: event.type_name(),
+                status: status.as_str(),
+            });
+        }
+        // Resolved before anything changes, so an unknown step leaves the saga as it was.
+        let k = match event.step() {
+            Some(name) => self.step_index(name)?,
+            None => 0,
+        };
+        match event {
+            Event::SagaStarted { .. } => return Err(ApplyError::StartedTwice),
+            Event::StepSucceeded {
+                attempt, output, ..
+            } => {
+                let has_compensation = self.definition.steps[k].compensation.is_some();
+                let step = &mut self.steps[k];
+                step.status = StepStatus::Succeeded;
+                step.attempts = *attempt;
+                step.output = Some(output.clone());
+                step.retry_at = None;
+                step.needs_compensation = has_compensation;
+                if self.phase == Phase::Forward
+                    && let Some(next) = self.steps.get_mut(k + 1)
+                    && next.status == StepStatus::Pending
+                {
+                    next.status = StepStatus::Running;
+                }
+            }
+            Event::StepRefused {
+                step: name,
+                attempt,
+                code,
+                reason,
+            } => {
+                let step = &mut self.steps[k];
+                step.status = StepStatus::Failed;
+                step.attempts = *attempt;
+                step.last_error = Some(format!("{code}: {reason}"));
+                step.retry_at = None;
+                step.needs_compensation = false;
+                self.go_backward(format!("step {name} refused: {code}: {reason}"));
+            }
+            Event::StepAttemptFailed {
+                step: name,
+                attempt,
+                error,
+                retry_at,
+            } => {
+                let has_compensation = self.definition.steps[k].compensation.is_some();
+                let step = &mut self.steps[k];
+                step.attempts = *attempt;
+                step.last_error = Some(error.clone());
+                step.retry_at = *retry_at;
+                if retry_at.is_none() {
+                    step.status = StepStatus::Failed;
+                    step.needs_compensation = has_compensation;
+                    self.go_backward(format!(
+                        "step {name} failed after {attempt} attempts: {error}"
+                    ));
+                }
+            }
+            Event::CancelRequested { reason } => {
+                if self.phase == Phase::Forward {
+                    if let Some(k) = self.current_forward_step() {
+                        let has_compensation = self.definition.steps[k].compensation.is_some();
+                        let step = &mut self.steps[k];
+                        step.retry_at = None;
+                        step.needs_compensation = has_compensation;
+                        step.status = StepStatus::Failed;
+                        step.last_error = Some(format!("cancelled: {reason}"));
+                    }
+                    self.go_backward(format!("cancelled: {reason}"));
+                }
+            }
+            Event::CompensationSucceeded { attempt, .. } => {
+                let step = &mut self.steps[k];
+                step.status = StepStatus::Compensated;
+                step.compensation_attempts = *attempt;
+                step.retry_at = None;
+            }
+            Event::CompensationAttemptFailed {
+                attempt,
+                error,
+                retry_at,
+                ..
+            } => {
+                let step = &mut self.steps[k];
+                step.compensation_attempts = *attempt;
+                step.last_error = Some(error.clone());
+                step.retry_at = *retry_at;
+                step.status = if retry_at.is_some() {
+                    StepStatus::Compensating
+                } else {
+                    StepStatus::CompensationFailed
+                };
+            }
+            Event::CompensationRefused {
+                step: name,
+                attempt,
+                code,
+                reason,
+            } => {
+                let step = &mut self.steps[k];
+                step.compensation_attempts = *attempt;
+                step.last_error = Some(format!("{code}: {reason}"));
+                step.retry_at = None;
+                step.status = StepStatus::CompensationFailed;
+                self.failure_reason =
+                    Some(format!("compensation of {name} refused: {code}: {reason}"));
+            }
+            Event::SagaCompleted => self.end(SagaStatus::Completed),
+            Event::SagaCompensated => self.end(SagaStatus::Compensated),
+            Event::SagaFailed { reason } => {
+                self.failure_reason = Some(reason.clone());
+                self.end(SagaStatus::Failed);
+            }
+        }
+        self.version += 1;
+        Ok(())
+    }
+
+    /// What to do next, given the time now.
+    pub fn decide(&self, now: DateTime<Utc>) -> Decision {
+        match self.phase {
+            Phase::Ended(_) => Decision::Ended,
+            Phase::Forward => match self.current_forward_step() {
+                None => Decision::Finish(Event::SagaCompleted),
+                Some(k) => self.call_or_wait(CommandKind::Execute, k, now),
+            },
+            Phase::Backward => {
+                if let Some(k) = self
+                    .steps
+                    .iter()
+                    .position(|step| step.status == StepStatus::CompensationFailed)
+                {
+                    let reason = self.failure_reason.clone().unwrap_or_else(|| {
+                        format!(
+                            "compensation of {} failed: {}",
+                            self.definition.steps[k].name,
+                            self.steps[k]
+                                .last_error
+                                .as_deref()
+                                .unwrap_or("unknown error")
+                        )
+                    });
+                    return Decision::Finish(Event::SagaFailed { reason });
+                }
+                match self.next_compensation() {
+                    None => Decision::Finish(Event::SagaCompensated),
+                    Some(k) => self.call_or_wait(CommandKind::Compensate, k, now),
+                }
+            }
+        }
+    }
+
+    /// The events that record a call's outcome, followed by the terminal event when the saga
+    /// ends with it (so both land in one commit). `jitter_sample` is drawn from [0, 1) by the
+    /// caller.
+    pub fn record_outcome(
+        &self,
+        command: Command,
+        outcome: Outcome,
+        now: DateTime<Utc>,
+        jitter_sample: f64,
+    ) -> Vec<Event> {
+        let definition = &self.definition.steps[command.step];
+        let step = definition.name.clone();
+        let attempt = command.attempt;
+        let event = match (command.kind, outcome) {
+            (CommandKind::Execute, Outcome::Success { output }) => Event::StepSucceeded {
+                step,
+                attempt,
+                output,
+            },
+            (CommandKind::Execute, Outcome::Refused { code, reason }) => Event::StepRefused {
+                step,
+                attempt,
+                code,
+                reason,
+            },
+            (CommandKind::Execute, Outcome::Transient { error }) => Event::StepAttemptFailed {
+                step,
+                attempt,
+                error,
+                retry_at: retry_time(&definition.retry, attempt, now, jitter_sample),
+            },
+            (CommandKind::Compensate, Outcome::Success { .. }) => {
+                Event::CompensationSucceeded { step, attempt }
+            }
+            (CommandKind::Compensate, Outcome::Refused { code, reason }) => {
+                Event::CompensationRefused {
+                    step,
+                    attempt,
+                    code,
+                    reason,
+                }
+            }
+            (CommandKind::Compensate, Outcome::Transient { error }) => {
+                Event::CompensationAttemptFailed {
+                    step,
+                    attempt,
+                    error,
+                    retry_at: retry_time(
+                        &definition.compensation_retry,
+                        attempt,
+                        now,
+                        jitter_sample,
+                    ),
+                }
+            }
+        };
+        self.with_terminal(vec![event], now)
+    }
+
+    /// The events that cancel a running saga. A saga already compensating needs none; an ended
+    /// one cannot be cancelled.
+    pub fn cancel(&self, reason: &str, now: DateTime<Utc>) -> Result<Vec<Event>, CannotCancel> {
+        match self.phase {
+            Phase::Forward => Ok(self.with_terminal(
+                vec![Event::CancelRequested {
+                    reason: reason.to_owned(),
+                }],
+                now,
+            )),
+            Phase::Backward => Ok(Vec::new()),
+            Phase::Ended(status) => Err(CannotCancel(status.as_str())),
+        }
+    }
+
+    /// The document a participant receives: `{"input": …, "steps": {<step>: <output>}}`.
+    pub fn context(&self) -> Value {
+        let steps: Map<String, Value> = self
+            .definition
+            .steps
+            .iter()
+            .zip(&self.steps)
+            .filter_map(|(definition, step)| {
+                step.output
+                    .as_ref()
+                    .map(|output| (definition.name.clone(), output.clone()))
+            })
+            .collect();
+        serde_json::json!({ "input": self.input, "steps": steps })
+    }
+
+    /// The steps as the read model shows them.
+    pub fn step_views(&self) -> Vec<StepView> {
+        self.definition
+            .steps
+            .iter()
+            .zip(&self.steps)
+            .map(|(definition, step)| StepView {
+                name: definition.name.clone(),
+                participant: definition.participant.clone(),
+                status: step.status,
+                attempts: step.attempts,
+                compensation_attempts: step.compensation_attempts,
+                last_error: step.last_error.clone(),
+                output: step.output.clone(),
+            })
+            .collect()
+    }
+
+    /// When the saga next needs attention: `None` once it has ended. This is the durable timer.
+    pub fn wake_at(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        match self.decide(now) {
+            Decision::Ended => None,
+            Decision::WaitUntil(at) => Some(at),
+            Decision::Call(_) | Decision::Finish(_) => Some(now),
+        }
+    }
+
+    pub fn step_definition(&self, step: usize) -> &StepDefinition {
+        &self.definition.steps[step]
+    }
+
+    /// The key a participant deduplicates on: the same for every attempt and after any crash.
+    pub fn idempotency_key(&self, command: Command) -> String {
+        let suffix = match command.kind {
+            CommandKind::Execute => "execute",
+            CommandKind::Compensate => "compensate",
+        };
+        format!(
+            "{}/{}/{suffix}",
+            self.id, self.definition.steps[command.step].name
+        )
+    }
+
+    fn step_index(&self, name: &str) -> Result<usize, ApplyError> {
+        self.definition
+            .steps
+            .iter()
+            .position(|step| step.name == name)
+            .ok_or_else(|| ApplyError::UnknownStep(name.to_owned()))
+    }
+
+    fn current_forward_step(&self) -> Option<usize> {
+        self.steps
+            .iter()
+            .position(|step| step.status != StepStatus::Succeeded)
+    }
+
+    /// The newest step that may have taken effect and is not yet undone.
+    fn next_compensation(&self) -> Option<usize> {
+        self.steps.iter().rposition(|step| {
+            step.needs_compensation
+                && !matches!(
+                    step.status,
+                    StepStatus::Compensated | StepStatus::CompensationFailed
+                )
+        })
+    }
+
+    fn call_or_wait(&self, kind: CommandKind, k: usize, now: DateTime<Utc>) -> Decision {
+        let step = &self.steps[k];
+        if let Some(at) = step.retry_at
+            && at > now
+        {
+            return Decision::WaitUntil(at);
+        }
+        let attempts = match kind {
+            CommandKind::Execute => step.attempts,
+            CommandKind::Compensate => step.compensation_attempts,
+        };
+        Decision::Call(Command {
+            kind,
+            step: k,
+            attempt: attempts.saturating_add(1),
+        })
+    }
+
+    fn go_backward(&mut self, reason: String) {
+        if self.phase != Phase::Forward {
+            return;
+        }
+        self.phase = Phase::Backward;
+        self.failure_reason = Some(reason);
+        for step in &mut self.steps {
+            if step.status == StepStatus::Running {
+                step.status = StepStatus::Pending;
+            }
+        }
+    }
+
+    fn end(&mut self, status: SagaStatus) {
+        self.phase = Phase::Ended(status);
+        for step in &mut self.steps {
+            step.retry_at = None;
+        }
+    }
+
+    /// Appends the terminal event when `events` end the saga.
+    fn with_terminal(&self, mut events: Vec<Event>, now: DateTime<Utc>) -> Vec<Event> {
+        let mut next = self.clone();
+        for event in &events {
+            if next.apply(event).is_err() {
+                return events;
+            }
+        }
+        if let Decision::Finish(terminal) = next.decide(now) {
+            events.push(terminal);
+        }
+        events
+    }
+}
+
+/// The time of the next attempt after `failed_attempt`, or `None` when the policy allows no more.
+fn retry_time(
+    policy: &RetryPolicy,
+    failed_attempt: u32,
+    now: DateTime<Utc>,
+    jitter_sample: f64,
+) -> Option<DateTime<Utc>> {
+    if !policy.allows_attempt(failed_attempt.saturating_add(1)) {
+        return None;
+    }
+    let delay = policy.delay_after(failed_attempt, jitter_sample);
+    let delay = chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
+    Some(
+        now.checked_add_signed(delay)
+            .unwrap_or(DateTime::<Utc>::MAX_UTC),
+    )
+}
+
+#[cfg(test)]
+mod tests;

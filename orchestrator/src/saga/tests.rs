@@ -1,0 +1,360 @@
+//! Given these events, when this outcome, then these events and this decision.
+
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use serde_json::json;
+use uuid::Uuid;
+
+use super::*;
+use crate::definition::{RetryPolicy, SagaDefinition, StepDefinition};
+
+pub(super) fn policy(max_attempts: Option<u32>) -> RetryPolicy {
+    RetryPolicy {
+        max_attempts,
+        initial_delay: Duration::from_millis(200),
+        multiplier: 2.0,
+        max_delay: Duration::from_secs(5),
+        jitter: 0.2,
+    }
+}
+
+pub(super) fn step(
+    name: &str,
+    compensation: Option<&str>,
+    max_attempts: Option<u32>,
+) -> StepDefinition {
+    StepDefinition {
+        name: name.to_owned(),
+        participant: "p".to_owned(),
+        action: format!("Do_{name}"),
+        compensation: compensation.map(str::to_owned),
+        timeout: Duration::from_secs(5),
+        retry: policy(max_attempts),
+        compensation_retry: policy(None),
+    }
+}
+
+/// Three compensable steps with 3 attempts each, then a final step without compensation.
+pub(super) fn definition() -> SagaDefinition {
+    SagaDefinition {
+        name: "demo".to_owned(),
+        version: 1,
+        required_input: vec!["customer_id".to_owned()],
+        steps: vec![
+            step("a", Some("undo_a"), Some(3)),
+            step("b", Some("undo_b"), Some(3)),
+            step("c", Some("undo_c"), Some(3)),
+            step("d", None, None),
+        ],
+    }
+}
+
+pub(super) fn t0() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0)
+        .single()
+        .unwrap_or_default()
+}
+
+pub(super) fn new_saga() -> Saga {
+    let started = Event::SagaStarted {
+        saga_type: "demo".to_owned(),
+        definition: definition(),
+        input: json!({"customer_id": "c1"}),
+        correlation_id: "corr".to_owned(),
+        idempotency_key: String::new(),
+    };
+    Saga::started(Uuid::nil(), &started).unwrap_or_else(|error| panic!("{error}"))
+}
+
+/// Applies the events the core asks to record, as the engine does after a commit.
+fn record(saga: &mut Saga, command: Command, outcome: Outcome, now: DateTime<Utc>) -> Vec<Event> {
+    let events = saga.record_outcome(command, outcome, now, 0.5);
+    for event in &events {
+        saga.apply(event).unwrap_or_else(|error| panic!("{error}"));
+    }
+    events
+}
+
+fn expect_call(saga: &Saga, now: DateTime<Utc>) -> Command {
+    match saga.decide(now) {
+        Decision::Call(command) => command,
+        other => panic!("expected a call, got {other:?}"),
+    }
+}
+
+fn success(output: serde_json::Value) -> Outcome {
+    Outcome::Success { output }
+}
+
+fn transient() -> Outcome {
+    Outcome::Transient {
+        error: "UNAVAILABLE".to_owned(),
+    }
+}
+
+fn refused() -> Outcome {
+    Outcome::Refused {
+        code: "NO".to_owned(),
+        reason: "not today".to_owned(),
+    }
+}
+
+#[test]
+fn every_step_succeeding_completes_the_saga_in_the_same_commit_as_the_last_step() {
+    let mut saga = new_saga();
+    for (k, name) in ["a", "b", "c", "d"].iter().enumerate() {
+        let command = expect_call(&saga, t0());
+        assert_eq!(
+            command,
+            Command {
+                kind: CommandKind::Execute,
+                step: k,
+                attempt: 1
+            }
+        );
+        let events = record(&mut saga, command, success(json!({ "id": name })), t0());
+        assert_eq!(events.last().map(Event::is_terminal), Some(k == 3));
+    }
+    assert_eq!(saga.status(), SagaStatus::Completed);
+    assert_eq!(saga.decide(t0()), Decision::Ended);
+    assert_eq!(saga.version, 6);
+    assert_eq!(
+        saga.context(),
+        json!({"input": {"customer_id": "c1"}, "steps": {"a": {"id": "a"}, "b": {"id": "b"}, "c": {"id": "c"}, "d": {"id": "d"}}})
+    );
+}
+
+#[test]
+fn a_refusal_compensates_the_steps_before_it_newest_first_but_not_itself() {
+    let mut saga = new_saga();
+    for _ in 0..2 {
+        let command = expect_call(&saga, t0());
+        record(&mut saga, command, success(json!({})), t0());
+    }
+    let command = expect_call(&saga, t0());
+    assert_eq!(command.step, 2);
+    record(&mut saga, command, refused(), t0());
+    assert_eq!(saga.status(), SagaStatus::Compensating);
+    assert_eq!(saga.steps[2].status, StepStatus::Failed);
+    assert_eq!(
+        saga.failure_reason.as_deref(),
+        Some("step c refused: NO: not today")
+    );
+
+    let mut compensated = Vec::new();
+    loop {
+        match saga.decide(t0()) {
+            Decision::Call(command) => {
+                assert_eq!(command.kind, CommandKind::Compensate);
+                compensated.push(command.step);
+                record(&mut saga, command, success(json!({})), t0());
+            }
+            Decision::Ended => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(compensated, vec![1, 0]);
+    assert_eq!(saga.status(), SagaStatus::Compensated);
+}
+
+#[test]
+fn a_transient_failure_waits_out_its_backoff_then_retries_with_the_next_attempt_number() {
+    let mut saga = new_saga();
+    let command = expect_call(&saga, t0());
+    let events = record(&mut saga, command, transient(), t0());
+    let retry_at = t0() + chrono::Duration::milliseconds(200);
+    assert_eq!(
+        events,
+        vec![Event::StepAttemptFailed {
+            step: "a".to_owned(),
+            attempt: 1,
+            error: "UNAVAILABLE".to_owned(),
+            retry_at: Some(retry_at),
+        }]
+    );
+    assert_eq!(saga.decide(t0()), Decision::WaitUntil(retry_at));
+    assert_eq!(saga.wake_at(t0()), Some(retry_at));
+    assert_eq!(saga.steps[0].status, StepStatus::Running);
+    let retry = expect_call(&saga, retry_at);
+    assert_eq!(retry.attempt, 2);
+    assert_eq!(
+        saga.idempotency_key(retry),
+        format!("{}/a/execute", Uuid::nil())
+    );
+}
+
+#[test]
+fn exhausted_attempts_compensate_the_step_itself_first() {
+    let mut saga = new_saga();
+    let command = expect_call(&saga, t0());
+    record(&mut saga, command, success(json!({})), t0());
+    let mut now = t0();
+    for attempt in 1..=3 {
+        let command = expect_call(&saga, now);
+        assert_eq!((command.step, command.attempt), (1, attempt));
+        record(&mut saga, command, transient(), now);
+        now += chrono::Duration::seconds(10);
+    }
+    assert_eq!(saga.status(), SagaStatus::Compensating);
+    let first = expect_call(&saga, now);
+    assert_eq!((first.kind, first.step), (CommandKind::Compensate, 1));
+    assert_eq!(
+        saga.idempotency_key(first),
+        format!("{}/b/compensate", Uuid::nil())
+    );
+    record(&mut saga, first, success(json!({})), now);
+    let second = expect_call(&saga, now);
+    assert_eq!((second.kind, second.step), (CommandKind::Compensate, 0));
+    record(&mut saga, second, success(json!({})), now);
+    assert_eq!(saga.status(), SagaStatus::Compensated);
+}
+
+#[test]
+fn cancel_compensates_the_step_in_flight_first() {
+    let mut saga = new_saga();
+    let command = expect_call(&saga, t0());
+    record(&mut saga, command, success(json!({})), t0());
+    // Step b is in flight (or between retries) when the cancel lands.
+    let command = expect_call(&saga, t0());
+    record(&mut saga, command, transient(), t0());
+    let events = saga.cancel("changed my mind", t0()).unwrap_or_default();
+    assert_eq!(
+        events,
+        vec![Event::CancelRequested {
+            reason: "changed my mind".to_owned()
+        }]
+    );
+    saga.apply(&events[0])
+        .unwrap_or_else(|error| panic!("{error}"));
+    assert_eq!(saga.status(), SagaStatus::Compensating);
+    let first = expect_call(&saga, t0());
+    assert_eq!(
+        (first.kind, first.step, first.attempt),
+        (CommandKind::Compensate, 1, 1)
+    );
+    record(&mut saga, first, success(json!({})), t0());
+    let second = expect_call(&saga, t0());
+    assert_eq!((second.kind, second.step), (CommandKind::Compensate, 0));
+    assert_eq!(saga.cancel("again", t0()), Ok(Vec::new()));
+    record(&mut saga, second, success(json!({})), t0());
+    assert_eq!(saga.status(), SagaStatus::Compensated);
+    assert_eq!(
+        saga.cancel("too late", t0()),
+        Err(CannotCancel("COMPENSATED"))
+    );
+}
+
+#[test]
+fn a_refused_compensation_fails_the_saga_and_stops_compensating() {
+    let mut saga = new_saga();
+    for _ in 0..2 {
+        let command = expect_call(&saga, t0());
+        record(&mut saga, command, success(json!({})), t0());
+    }
+    let command = expect_call(&saga, t0());
+    record(&mut saga, command, refused(), t0());
+    let undo_b = expect_call(&saga, t0());
+    let events = record(&mut saga, undo_b, refused(), t0());
+    assert!(matches!(events.last(), Some(Event::SagaFailed { .. })));
+    assert_eq!(saga.status(), SagaStatus::Failed);
+    assert_eq!(saga.steps[1].status, StepStatus::CompensationFailed);
+    assert_eq!(saga.steps[0].status, StepStatus::Succeeded);
+    assert_eq!(
+        saga.failure_reason.as_deref(),
+        Some("compensation of b refused: NO: not today")
+    );
+}
+
+#[test]
+fn a_refusal_of_the_first_step_ends_compensated_at_once() {
+    let mut saga = new_saga();
+    let command = expect_call(&saga, t0());
+    let events = record(&mut saga, command, refused(), t0());
+    assert_eq!(events.last(), Some(&Event::SagaCompensated));
+    assert_eq!(saga.status(), SagaStatus::Compensated);
+    assert_eq!(saga.wake_at(t0()), None);
+}
+
+#[test]
+fn compensation_retries_without_limit_by_default() {
+    let mut saga = new_saga();
+    let command = expect_call(&saga, t0());
+    record(&mut saga, command, success(json!({})), t0());
+    let command = expect_call(&saga, t0());
+    record(&mut saga, command, refused(), t0());
+    let mut now = t0();
+    for attempt in 1..=50 {
+        let command = expect_call(&saga, now);
+        assert_eq!(
+            (command.kind, command.attempt),
+            (CommandKind::Compensate, attempt)
+        );
+        record(&mut saga, command, transient(), now);
+        assert_eq!(saga.steps[0].status, StepStatus::Compensating);
+        now += chrono::Duration::seconds(10);
+    }
+    assert_eq!(saga.status(), SagaStatus::Compensating);
+}
+
+#[test]
+fn apply_refuses_events_that_cannot_follow_and_changes_nothing() {
+    let mut saga = new_saga();
+    let before = saga.clone();
+    let unknown = Event::StepSucceeded {
+        step: "zz".to_owned(),
+        attempt: 1,
+        output: json!({}),
+    };
+    assert_eq!(
+        saga.apply(&unknown),
+        Err(ApplyError::UnknownStep("zz".to_owned()))
+    );
+    let again = Event::SagaStarted {
+        saga_type: "demo".to_owned(),
+        definition: definition(),
+        input: json!({}),
+        correlation_id: String::new(),
+        idempotency_key: String::new(),
+    };
+    assert_eq!(saga.apply(&again), Err(ApplyError::StartedTwice));
+    assert_eq!(saga, before);
+    assert!(Saga::replay(Uuid::nil(), &[Event::SagaCompleted]).is_err());
+
+    saga.apply(&Event::SagaCompleted)
+        .unwrap_or_else(|error| panic!("{error}"));
+    assert!(matches!(
+        saga.apply(&Event::SagaCompensated),
+        Err(ApplyError::AfterEnd { .. })
+    ));
+}
+
+#[test]
+fn replay_rebuilds_the_same_state_as_live_application() {
+    let mut saga = new_saga();
+    let mut log = vec![Event::SagaStarted {
+        saga_type: "demo".to_owned(),
+        definition: definition(),
+        input: json!({"customer_id": "c1"}),
+        correlation_id: "corr".to_owned(),
+        idempotency_key: String::new(),
+    }];
+    let command = expect_call(&saga, t0());
+    log.extend(record(&mut saga, command, success(json!({"x": 1})), t0()));
+    let command = expect_call(&saga, t0());
+    log.extend(record(&mut saga, command, transient(), t0()));
+    assert_eq!(Saga::replay(Uuid::nil(), &log), Ok(saga));
+}
+
+#[test]
+fn events_round_trip_through_json() {
+    let event = Event::StepAttemptFailed {
+        step: "a".to_owned(),
+        attempt: 2,
+        error: "e".to_owned(),
+        retry_at: Some(t0()),
+    };
+    let text = serde_json::to_value(&event).unwrap_or_default();
+    assert_eq!(text["type"], "step_attempt_failed");
+    assert_eq!(serde_json::from_value::<Event>(text).ok(), Some(event));
+}

@@ -1,0 +1,509 @@
+//! All SQL lives here. The log (`saga_events`) is the truth; the read model (`sagas`) is written
+//! in the same transaction as the events that change it, so a query never replays and is never
+//! behind the write it follows. Nothing outside this module writes SQL.
+
+mod writer;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::migrate::MigrateDatabase;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres};
+use uuid::Uuid;
+
+use crate::saga::{Event, SagaStatus, StepView};
+
+pub use writer::Writer;
+
+/// A store failure. Cloneable, because one failed batch commit is the answer of every write in it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(Arc<sqlx::Error>),
+    #[error("migration failed: {0}")]
+    Migration(Arc<sqlx::migrate::MigrateError>),
+    #[error("corrupt saga log for {saga_id} at seq {seq}: {message}")]
+    CorruptLog {
+        saga_id: Uuid,
+        seq: i64,
+        message: String,
+    },
+    #[error("cannot encode an event: {0}")]
+    Encode(Arc<serde_json::Error>),
+    #[error("the batch writer has stopped")]
+    WriterStopped,
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        StoreError::Database(Arc::new(error))
+    }
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The read-model row of a saga, written with every append.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Projection {
+    pub saga_type: String,
+    pub definition_version: u32,
+    pub status: SagaStatus,
+    pub input: Value,
+    pub context: Value,
+    pub steps: Vec<StepView>,
+    pub failure_reason: Option<String>,
+    pub version: u64,
+    pub correlation_id: String,
+    /// `None` when the client gave no key.
+    pub idempotency_key: Option<String>,
+    pub wake_at: Option<DateTime<Utc>>,
+}
+
+/// Events to append to one saga's log, and its read model after them.
+#[derive(Debug, Clone)]
+pub struct SagaWrite {
+    pub saga_id: Uuid,
+    /// The version the writer read; 0 starts a new saga. A different version in the database
+    /// means another writer moved the saga first: this write is refused (fencing).
+    pub expected_version: u64,
+    pub events: Vec<Event>,
+    pub projection: Projection,
+}
+
+/// What became of one write in a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteOutcome {
+    Written,
+    /// The saga's version moved (or, for a start, its idempotency key is taken): nothing was written.
+    Conflict,
+}
+
+/// A saga as the read model has it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SagaRecord {
+    pub saga_id: Uuid,
+    pub projection: Projection,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// One entry of a saga's history.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventRecord {
+    pub seq: u64,
+    pub event_type: String,
+    pub step: Option<String>,
+    pub data: Value,
+    pub recorded_at: DateTime<Utc>,
+}
+
+/// Which sagas a listing wants, and where the previous page ended.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub saga_type: Option<String>,
+    pub statuses: Vec<SagaStatus>,
+    pub limit: u32,
+    pub after: Option<ListCursor>,
+}
+
+/// The position of the last saga of a page: listings are ordered newest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListCursor {
+    pub created_at: DateTime<Utc>,
+    pub saga_id: Uuid,
+}
+
+/// The connection pool and every query sagad makes.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: PgPool,
+}
+
+impl Store {
+    /// Connects, creating the database if it is missing and retrying for up to `max_wait` while
+    /// the server is unreachable, then applies the migrations.
+    pub async fn connect(url: &str, max_wait: Duration) -> Result<Store> {
+        let options: PgConnectOptions = url.parse()?;
+        let deadline = tokio::time::Instant::now() + max_wait;
+        let mut delay = Duration::from_millis(100);
+        let pool = loop {
+            match Self::try_connect(url, options.clone()).await {
+                Ok(pool) => break pool,
+                Err(error) if tokio::time::Instant::now() + delay < deadline => {
+                    tracing::warn!(%error, "database not reachable yet; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+                Err(error) => return Err(error.into()),
+            }
+        };
+        sqlx::migrate!("../migrations/orchestrator")
+            .run(&pool)
+            .await
+            .map_err(|error| StoreError::Migration(Arc::new(error)))?;
+        Ok(Store { pool })
+    }
+
+    async fn try_connect(url: &str, options: PgConnectOptions) -> Result<PgPool, sqlx::Error> {
+        if !Postgres::database_exists(url).await? {
+            match Postgres::create_database(url).await {
+                Ok(()) => {}
+                // Another process created it first.
+                Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("42P04") => {}
+                Err(error) => return Err(error),
+            }
+        }
+        PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await
+    }
+
+    /// Is the database answering?
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query_scalar!("select 1 as \"one!\"")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Commits a batch of writes for distinct sagas in one transaction. A conflict on one saga
+    /// does not fail the others.
+    pub async fn write_batch(&self, writes: &[SagaWrite]) -> Result<Vec<WriteOutcome>> {
+        let mut tx = self.pool.begin().await?;
+
+        let starts: Vec<&SagaWrite> = writes.iter().filter(|w| w.expected_version == 0).collect();
+        let mut written: Vec<Uuid> = Vec::with_capacity(writes.len());
+        if !starts.is_empty() {
+            let columns = ProjectionColumns::of(&starts);
+            let ids: Vec<Uuid> = starts.iter().map(|w| w.saga_id).collect();
+            let saga_types: Vec<String> = starts
+                .iter()
+                .map(|w| w.projection.saga_type.clone())
+                .collect();
+            let definition_versions: Vec<i32> = starts
+                .iter()
+                .map(|w| i32::try_from(w.projection.definition_version).unwrap_or(i32::MAX))
+                .collect();
+            let inputs: Vec<Value> = starts.iter().map(|w| w.projection.input.clone()).collect();
+            let correlation_ids: Vec<String> = starts
+                .iter()
+                .map(|w| w.projection.correlation_id.clone())
+                .collect();
+            let idempotency_keys: Vec<Option<String>> = starts
+                .iter()
+                .map(|w| w.projection.idempotency_key.clone())
+                .collect();
+            let inserted = sqlx::query_scalar!(
+                r#"
+                insert into sagas (saga_id, saga_type, definition_version, status, input, context, steps,
+                                   failure_reason, version, correlation_id, idempotency_key, wake_at)
+                select * from unnest($1::uuid[], $2::text[], $3::int4[], $4::text[], $5::jsonb[], $6::jsonb[],
+                                     $7::jsonb[], $8::text[], $9::int8[], $10::text[], $11::text[], $12::timestamptz[])
+                on conflict do nothing
+                returning saga_id
+                "#,
+                &ids,
+                &saga_types,
+                &definition_versions,
+                &columns.statuses,
+                &inputs,
+                &columns.contexts,
+                &columns.steps,
+                &columns.failure_reasons as &[Option<String>],
+                &columns.versions,
+                &correlation_ids,
+                &idempotency_keys as &[Option<String>],
+                &columns.wake_ats as &[Option<DateTime<Utc>>],
+            )
+            .fetch_all(&mut *tx)
+            .await?;
+            written.extend(inserted);
+        }
+
+        let mut updates: Vec<&SagaWrite> =
+            writes.iter().filter(|w| w.expected_version > 0).collect();
+        // One lock order for every batch, so concurrent batches cannot deadlock.
+        updates.sort_by_key(|w| w.saga_id);
+        if !updates.is_empty() {
+            let columns = ProjectionColumns::of(&updates);
+            let ids: Vec<Uuid> = updates.iter().map(|w| w.saga_id).collect();
+            let expected: Vec<i64> = updates.iter().map(|w| to_i64(w.expected_version)).collect();
+            let updated = sqlx::query_scalar!(
+                r#"
+                update sagas as s
+                set status = u.status, context = u.context, steps = u.steps,
+                    failure_reason = u.failure_reason, version = u.version, wake_at = u.wake_at,
+                    updated_at = now()
+                from unnest($1::uuid[], $2::int8[], $3::text[], $4::jsonb[], $5::jsonb[], $6::text[],
+                            $7::int8[], $8::timestamptz[])
+                    as u(saga_id, expected_version, status, context, steps, failure_reason, version, wake_at)
+                where s.saga_id = u.saga_id and s.version = u.expected_version
+                returning s.saga_id
+                "#,
+                &ids,
+                &expected,
+                &columns.statuses,
+                &columns.contexts,
+                &columns.steps,
+                &columns.failure_reasons as &[Option<String>],
+                &columns.versions,
+                &columns.wake_ats as &[Option<DateTime<Utc>>],
+            )
+            .fetch_all(&mut *tx)
+            .await?;
+            written.extend(updated);
+        }
+
+        let mut event_ids = Vec::new();
+        let mut seqs = Vec::new();
+        let mut types = Vec::new();
+        let mut steps = Vec::new();
+        let mut datas = Vec::new();
+        for write in writes.iter().filter(|w| written.contains(&w.saga_id)) {
+            for (offset, event) in write.events.iter().enumerate() {
+                event_ids.push(write.saga_id);
+                seqs.push(to_i64(write.expected_version) + 1 + to_i64(offset as u64));
+                types.push(event.type_name().to_owned());
+                steps.push(event.step().map(str::to_owned));
+                datas.push(
+                    serde_json::to_value(event)
+                        .map_err(|error| StoreError::Encode(Arc::new(error)))?,
+                );
+            }
+        }
+        if !event_ids.is_empty() {
+            sqlx::query!(
+                r#"
+                insert into saga_events (saga_id, seq, event_type, step, data)
+                select * from unnest($1::uuid[], $2::int8[], $3::text[], $4::text[], $5::jsonb[])
+                "#,
+                &event_ids,
+                &seqs,
+                &types,
+                &steps as &[Option<String>],
+                &datas,
+            )
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+
+        Ok(writes
+            .iter()
+            .map(|w| {
+                if written.contains(&w.saga_id) {
+                    WriteOutcome::Written
+                } else {
+                    WriteOutcome::Conflict
+                }
+            })
+            .collect())
+    }
+
+    /// A saga's whole log, in order, for replay.
+    pub async fn load_events(&self, saga_id: Uuid) -> Result<Vec<Event>> {
+        let rows = sqlx::query!(
+            r#"select seq, data from saga_events where saga_id = $1 order by seq"#,
+            saga_id
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                serde_json::from_value(row.data).map_err(|error| StoreError::CorruptLog {
+                    saga_id,
+                    seq: row.seq,
+                    message: error.to_string(),
+                })
+            })
+            .collect()
+    }
+
+    /// A saga's history as clients see it.
+    pub async fn history(&self, saga_id: Uuid) -> Result<Vec<EventRecord>> {
+        let rows = sqlx::query!(
+            r#"select seq, event_type, step, data, recorded_at from saga_events
+               where saga_id = $1 order by seq"#,
+            saga_id
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| EventRecord {
+                seq: u64::try_from(row.seq).unwrap_or_default(),
+                event_type: row.event_type,
+                step: row.step,
+                data: row.data,
+                recorded_at: row.recorded_at,
+            })
+            .collect())
+    }
+
+    pub async fn get_saga(&self, saga_id: Uuid) -> Result<Option<SagaRecord>> {
+        let row = sqlx::query_as!(
+            SagaRow,
+            r#"select saga_id, saga_type, definition_version, status, input, context, steps,
+                      failure_reason, version, correlation_id, idempotency_key, created_at,
+                      updated_at, wake_at
+               from sagas where saga_id = $1"#,
+            saga_id
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(SagaRow::into_record).transpose()
+    }
+
+    /// The saga that a start with this key made, if any.
+    pub async fn find_by_idempotency_key(
+        &self,
+        saga_type: &str,
+        idempotency_key: &str,
+    ) -> Result<Option<SagaRecord>> {
+        let row = sqlx::query_as!(
+            SagaRow,
+            r#"select saga_id, saga_type, definition_version, status, input, context, steps,
+                      failure_reason, version, correlation_id, idempotency_key, created_at,
+                      updated_at, wake_at
+               from sagas where saga_type = $1 and idempotency_key = $2"#,
+            saga_type,
+            idempotency_key
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(SagaRow::into_record).transpose()
+    }
+
+    /// Sagas newest first, filtered, one page.
+    pub async fn list_sagas(&self, filter: &ListFilter) -> Result<Vec<SagaRecord>> {
+        let statuses: Vec<String> = filter
+            .statuses
+            .iter()
+            .map(|s| s.as_str().to_owned())
+            .collect();
+        let rows = sqlx::query_as!(
+            SagaRow,
+            r#"select saga_id, saga_type, definition_version, status, input, context, steps,
+                      failure_reason, version, correlation_id, idempotency_key, created_at,
+                      updated_at, wake_at
+               from sagas
+               where ($1::text is null or saga_type = $1)
+                 and (cardinality($2::text[]) = 0 or status = any($2))
+                 and ($3::timestamptz is null or (created_at, saga_id) < ($3, $4::uuid))
+               order by created_at desc, saga_id desc
+               limit $5"#,
+            filter.saga_type.as_deref(),
+            &statuses,
+            filter.after.map(|cursor| cursor.created_at),
+            filter.after.map(|cursor| cursor.saga_id),
+            i64::from(filter.limit),
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(SagaRow::into_record).collect()
+    }
+
+    /// Every saga that has not ended, soonest timer first: what a starting instance resumes.
+    pub async fn unfinished_sagas(&self) -> Result<Vec<Uuid>> {
+        Ok(sqlx::query_scalar!(
+            r#"select saga_id from sagas where wake_at is not null order by wake_at"#
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+fn to_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// The projection columns of a batch, as arrays for `unnest`.
+struct ProjectionColumns {
+    statuses: Vec<String>,
+    contexts: Vec<Value>,
+    steps: Vec<Value>,
+    failure_reasons: Vec<Option<String>>,
+    versions: Vec<i64>,
+    wake_ats: Vec<Option<DateTime<Utc>>>,
+}
+
+impl ProjectionColumns {
+    fn of(writes: &[&SagaWrite]) -> Self {
+        let projections = writes.iter().map(|w| &w.projection);
+        Self {
+            statuses: projections
+                .clone()
+                .map(|p| p.status.as_str().to_owned())
+                .collect(),
+            contexts: projections.clone().map(|p| p.context.clone()).collect(),
+            steps: projections
+                .clone()
+                .map(|p| serde_json::to_value(&p.steps).unwrap_or(Value::Null))
+                .collect(),
+            failure_reasons: projections
+                .clone()
+                .map(|p| p.failure_reason.clone())
+                .collect(),
+            versions: projections.clone().map(|p| to_i64(p.version)).collect(),
+            wake_ats: projections.map(|p| p.wake_at).collect(),
+        }
+    }
+}
+
+struct SagaRow {
+    saga_id: Uuid,
+    saga_type: String,
+    definition_version: i32,
+    status: String,
+    input: Value,
+    context: Value,
+    steps: Value,
+    failure_reason: Option<String>,
+    version: i64,
+    correlation_id: String,
+    idempotency_key: Option<String>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    wake_at: Option<DateTime<Utc>>,
+}
+
+impl SagaRow {
+    fn into_record(self) -> Result<SagaRecord> {
+        let corrupt = |message: String| StoreError::CorruptLog {
+            saga_id: self.saga_id,
+            seq: self.version,
+            message,
+        };
+        let status = SagaStatus::parse(&self.status)
+            .ok_or_else(|| corrupt(format!("unknown status {:?}", self.status)))?;
+        let steps: Vec<StepView> = serde_json::from_value(self.steps.clone())
+            .map_err(|error| corrupt(format!("steps: {error}")))?;
+        Ok(SagaRecord {
+            saga_id: self.saga_id,
+            projection: Projection {
+                saga_type: self.saga_type,
+                definition_version: u32::try_from(self.definition_version).unwrap_or_default(),
+                status,
+                input: self.input,
+                context: self.context,
+                steps,
+                failure_reason: self.failure_reason,
+                version: u64::try_from(self.version).unwrap_or_default(),
+                correlation_id: self.correlation_id,
+                idempotency_key: self.idempotency_key,
+                wake_at: self.wake_at,
+            },
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        })
+    }
+}

@@ -1,0 +1,119 @@
+//! Group commit: one writer per instance gathers the writes that are ready, commits them in one
+//! transaction, and answers each. Under load many sagas share one commit; alone, a write is a
+//! batch of one and waits for nothing.
+
+use std::collections::{HashSet, VecDeque};
+
+use tokio::sync::{broadcast, mpsc, oneshot};
+use uuid::Uuid;
+
+use super::{Result, SagaWrite, Store, StoreError, WriteOutcome};
+
+/// The most writes one transaction carries.
+const MAX_BATCH: usize = 256;
+
+struct Pending {
+    write: SagaWrite,
+    reply: oneshot::Sender<Result<WriteOutcome>>,
+}
+
+/// A handle to the instance's batch writer; cloning it is cheap.
+#[derive(Debug, Clone)]
+pub struct Writer {
+    queue: mpsc::Sender<Pending>,
+    committed: broadcast::Sender<(Uuid, u64)>,
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending")
+            .field("saga_id", &self.write.saga_id)
+            .finish()
+    }
+}
+
+impl Writer {
+    /// Starts the writer task. It ends when every `Writer` handle is dropped.
+    pub fn spawn(store: Store) -> (Writer, tokio::task::JoinHandle<()>) {
+        let (queue, receiver) = mpsc::channel(4 * MAX_BATCH);
+        let (committed, _) = broadcast::channel(4096);
+        let task = tokio::spawn(run(store, receiver, committed.clone()));
+        (Writer { queue, committed }, task)
+    }
+
+    /// Writes once the batch holding this write is committed.
+    pub async fn write(&self, write: SagaWrite) -> Result<WriteOutcome> {
+        let (reply, answer) = oneshot::channel();
+        self.queue
+            .send(Pending { write, reply })
+            .await
+            .map_err(|_| StoreError::WriterStopped)?;
+        answer.await.map_err(|_| StoreError::WriterStopped)?
+    }
+
+    /// Announces `(saga_id, version)` after each committed write: what read-your-writes
+    /// queries and watchers wait on.
+    pub fn subscribe(&self) -> broadcast::Receiver<(Uuid, u64)> {
+        self.committed.subscribe()
+    }
+}
+
+async fn run(
+    store: Store,
+    mut receiver: mpsc::Receiver<Pending>,
+    committed: broadcast::Sender<(Uuid, u64)>,
+) {
+    // Writes held back because their saga already had a write in the batch being built: two
+    // writes of one saga in one statement could not tell which won.
+    let mut held: VecDeque<Pending> = VecDeque::new();
+    loop {
+        let first = match held.pop_front() {
+            Some(pending) => pending,
+            None => match receiver.recv().await {
+                Some(pending) => pending,
+                None => return,
+            },
+        };
+        let mut in_batch: HashSet<Uuid> = HashSet::from([first.write.saga_id]);
+        let mut batch = vec![first];
+        let mut still_held = VecDeque::new();
+        while let Some(pending) = held.pop_front() {
+            if batch.len() < MAX_BATCH && in_batch.insert(pending.write.saga_id) {
+                batch.push(pending);
+            } else {
+                still_held.push_back(pending);
+            }
+        }
+        held = still_held;
+        while batch.len() < MAX_BATCH {
+            let Ok(pending) = receiver.try_recv() else {
+                break;
+            };
+            if in_batch.insert(pending.write.saga_id) {
+                batch.push(pending);
+            } else {
+                held.push_back(pending);
+            }
+        }
+
+        let (writes, replies): (Vec<SagaWrite>, Vec<_>) =
+            batch.into_iter().map(|p| (p.write, p.reply)).unzip();
+        // A reply whose requester has gone, or an announcement nobody listens to, is dropped.
+        match store.write_batch(&writes).await {
+            Ok(outcomes) => {
+                for ((write, reply), outcome) in writes.iter().zip(replies).zip(outcomes) {
+                    if outcome == WriteOutcome::Written {
+                        let _ = committed.send((write.saga_id, write.projection.version));
+                    }
+                    let _ = reply.send(Ok(outcome));
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, size = writes.len(), "batch commit failed");
+                for reply in replies {
+                    let _ = reply.send(Err(error.clone()));
+                }
+            }
+        }
+    }
+}
