@@ -1,18 +1,11 @@
-//! The sagad daemon: loads the definitions, connects to Postgres, resumes unfinished sagas, and
-//! serves the gRPC API until SIGTERM or SIGINT.
+//! The sagad daemon: flags, logging, metrics and signals around [`sagad::daemon::serve`].
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use metrics_exporter_prometheus::PrometheusBuilder;
-use sagad::api::Api;
 use sagad::config::Config;
-use sagad::definition::DefinitionSet;
-use sagad::engine::{Engine, Participants};
-use sagad::store::{Store, Writer};
-use sagad_proto::v1::saga_orchestrator_server::SagaOrchestratorServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -66,84 +59,29 @@ fn one_line(text: &str) -> String {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
-    let definitions = DefinitionSet::load_dir(&config.defs)?;
-    let addresses = config.participant_addresses().map_err(anyhow::Error::msg)?;
-    definitions.check_participants(&addresses.keys().cloned().collect())?;
-    let participants = Participants::new(&addresses, config.participant_concurrency as usize)?;
-
+    // Definitions and flags first: a bad one stops the daemon before it touches the network.
+    sagad::daemon::check(&config)?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|error| anyhow::anyhow!("--listen {}: {error}", config.listen))?;
     PrometheusBuilder::new()
         .with_http_listener(config.metrics_listen)
         .install()
         .map_err(|error| anyhow::anyhow!("--metrics-listen {}: {error}", config.metrics_listen))?;
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|error| anyhow::anyhow!("--listen {}: {error}", config.listen))?;
-
-    let (health, health_service) = tonic_health::server::health_reporter();
-    let store = Store::connect(&config.database_url, config.database_wait)
-        .await
-        .map_err(|error| anyhow::anyhow!("--database-url: {error}"))?;
-    let (writer, writer_task) = Writer::spawn(store.clone());
-    let engine = Engine::new(store.clone(), writer, definitions, participants);
-    let resumed = engine.recover().await?;
-    health.set_serving::<SagaOrchestratorServer<Api>>().await;
-
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(sagad_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(sagad_proto::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
-    tracing::info!(
-        listen = %config.listen,
-        metrics = %config.metrics_listen,
-        resumed,
-        "sagad is serving"
-    );
-
-    let shutdown_health = health.clone();
-    tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(SagaOrchestratorServer::new(Api::new(engine.clone())))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-            shutdown_signal().await;
-            tracing::info!("shutting down: no new sagas; finishing calls in flight");
-            shutdown_health
-                .set_not_serving::<SagaOrchestratorServer<Api>>()
-                .await;
-        })
-        .await?;
-
-    engine.shutdown(config.shutdown_grace).await;
-    drop(engine);
-    // The writer ends once the last handle is gone; a driver stuck past the grace period
-    // must not hold the exit.
-    let _ = tokio::time::timeout(config.shutdown_grace, writer_task).await;
-    store.close().await;
-    tracing::info!("sagad stopped");
-    Ok(())
+    sagad::daemon::serve(config, listener, shutdown_signal()).await
 }
 
 async fn shutdown_signal() {
     let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut terminate) => {
-                tokio::select! {
-                    _ = interrupt => {}
-                    _ = terminate.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = interrupt.await;
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut terminate) => {
+            tokio::select! {
+                _ = interrupt => {}
+                _ = terminate.recv() => {}
             }
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = interrupt.await;
+        Err(_) => {
+            let _ = interrupt.await;
+        }
     }
 }

@@ -10,7 +10,7 @@ use tokio::sync::Notify;
 
 use super::participants::Call;
 use super::{Engine, projection};
-use crate::saga::{Command, CommandKind, Decision, Event, Saga};
+use crate::saga::{Command, CommandKind, Decision, Event, Outcome, Saga};
 use crate::store::{SagaWrite, WriteOutcome};
 
 /// How long a driver waits before trying again when the database fails it.
@@ -41,6 +41,8 @@ pub(super) async fn drive(engine: &Engine, mut saga: Saga, bell: &Notify) {
             }
             Decision::Call(command) => {
                 let call = prepare_call(&saga, command);
+                let participant = call.participant.clone();
+                let started = std::time::Instant::now();
                 // A call in flight is allowed to finish at shutdown (it is bounded by the step's
                 // timeout); a cancellation interrupts it, and the step is compensated.
                 let outcome = tokio::select! {
@@ -53,6 +55,7 @@ pub(super) async fn drive(engine: &Engine, mut saga: Saga, bell: &Notify) {
                         continue;
                     }
                 };
+                record_call_metrics(&participant, command.kind, &outcome, started.elapsed());
                 saga.record_outcome(command, outcome, Utc::now(), fastrand::f64())
             }
         };
@@ -86,6 +89,37 @@ fn prepare_call(saga: &Saga, command: Command) -> Call {
     }
 }
 
+fn record_call_metrics(
+    participant: &str,
+    kind: CommandKind,
+    outcome: &Outcome,
+    took: Duration,
+) {
+    let kind = match kind {
+        CommandKind::Execute => "execute",
+        CommandKind::Compensate => "compensate",
+    };
+    let outcome = match outcome {
+        Outcome::Success { .. } => "success",
+        Outcome::Refused { .. } => "refused",
+        Outcome::Transient { .. } => "transient",
+    };
+    let participant = participant.to_owned();
+    metrics::counter!(
+        "sagad_participant_calls_total",
+        "participant" => participant.clone(),
+        "kind" => kind,
+        "outcome" => outcome
+    )
+    .increment(1);
+    metrics::histogram!(
+        "sagad_participant_call_seconds",
+        "participant" => participant,
+        "kind" => kind
+    )
+    .record(took.as_secs_f64());
+}
+
 /// Appends `events` and returns the saga after them; after a conflict or a database failure,
 /// the saga as the log has it. `None`: stop driving (shutdown, or a log that cannot be read).
 async fn commit(engine: &Engine, saga: &Saga, events: Vec<Event>) -> Option<Saga> {
@@ -103,7 +137,17 @@ async fn commit(engine: &Engine, saga: &Saga, events: Vec<Event>) -> Option<Saga
         projection: projection(&next),
     };
     match engine.inner.writer.write(write).await {
-        Ok(WriteOutcome::Written) => Some(next),
+        Ok(WriteOutcome::Written) => {
+            if next.status().is_terminal() {
+                metrics::counter!(
+                    "sagad_sagas_finished_total",
+                    "saga_type" => next.saga_type.clone(),
+                    "status" => next.status().as_str()
+                )
+                .increment(1);
+            }
+            Some(next)
+        }
         Ok(WriteOutcome::Conflict) => reload(engine, saga).await,
         Err(error) => {
             tracing::warn!(saga_id = %saga.id, %error, "cannot record the outcome; will retry");

@@ -167,6 +167,8 @@ impl Engine {
         };
         match self.inner.writer.write(write).await? {
             WriteOutcome::Written => {
+                metrics::counter!("sagad_sagas_started_total", "saga_type" => request.saga_type.clone())
+                    .increment(1);
                 let now = Utc::now();
                 let record = SagaRecord {
                     saga_id,
@@ -359,12 +361,14 @@ impl Engine {
             drivers.insert(saga.id, bell.clone());
         }
         let engine = self.clone();
+        metrics::gauge!("sagad_sagas_driven").increment(1.0);
         self.inner.tasks.spawn(async move {
             let saga_id = saga.id;
             driver::drive(&engine, saga, &bell).await;
             if let Ok(mut drivers) = engine.inner.drivers.lock() {
                 drivers.remove(&saga_id);
             }
+            metrics::gauge!("sagad_sagas_driven").decrement(1.0);
         });
     }
 }

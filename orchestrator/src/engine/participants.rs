@@ -74,10 +74,6 @@ impl Participants {
         })
     }
 
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.by_name.keys().map(String::as_str)
-    }
-
     /// Makes one call and classifies what came back. Never fails: an unreachable participant or
     /// a timeout is a transient outcome.
     pub async fn call(&self, call: Call) -> Outcome {

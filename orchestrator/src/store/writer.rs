@@ -98,6 +98,7 @@ async fn run(
 
         let (writes, replies): (Vec<SagaWrite>, Vec<_>) =
             batch.into_iter().map(|p| (p.write, p.reply)).unzip();
+        metrics::histogram!("sagad_store_batch_writes").record(writes.len() as f64);
         // A reply whose requester has gone, or an announcement nobody listens to, is dropped.
         match store.write_batch(&writes).await {
             Ok(outcomes) => {

@@ -1,0 +1,221 @@
+//! sagad for tests: in-process (fast, for engine and API tests) or as the real binary in a
+//! process of its own (for crashes with SIGKILL, flags and exit codes).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser as _;
+use sagad::config::Config;
+use sagad_proto::v1::ListSagasRequest;
+use sagad_proto::v1::saga_orchestrator_client::SagaOrchestratorClient;
+use tokio::net::TcpListener;
+use tokio::process::{Child, Command};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::Client;
+
+/// Builds the daemon's config from flags exactly as the binary parses them.
+fn parse_config(args: &[String]) -> anyhow::Result<Config> {
+    let argv = std::iter::once("sagad".to_owned()).chain(args.iter().cloned());
+    Ok(Config::try_parse_from(argv)?)
+}
+
+/// sagad running inside the test process.
+pub struct TestDaemon {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestDaemon {
+    /// Starts sagad with these flags (`--listen` is chosen here) and waits until it serves.
+    pub async fn start(args: &[String]) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let mut args = args.to_vec();
+        args.extend(["--listen".to_owned(), addr.to_string()]);
+        let config = parse_config(&args)?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(sagad::daemon::serve(config, listener, async {
+            let _ = stopped.await;
+        }));
+        let mut daemon = Self { addr, stop: Some(stop), task: Some(task) };
+        daemon.wait_ready().await?;
+        Ok(daemon)
+    }
+
+    pub async fn client(&self) -> anyhow::Result<Client> {
+        Ok(SagaOrchestratorClient::connect(format!("http://{}", self.addr)).await?)
+    }
+
+    async fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let until = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(task) = &self.task
+                && task.is_finished()
+                && let Some(task) = self.task.take()
+            {
+                task.await??;
+                bail!("sagad stopped before serving");
+            }
+            if serving(self.addr).await {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > until {
+                bail!("sagad did not serve within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Graceful shutdown, as on SIGTERM.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await??;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Is a sagad serving at `addr`? A listing answers only once the database is migrated.
+async fn serving(addr: SocketAddr) -> bool {
+    let Ok(mut client) = SagaOrchestratorClient::connect(format!("http://{addr}")).await else {
+        return false;
+    };
+    client
+        .list_sagas(ListSagasRequest {
+            page_size: 1,
+            ..Default::default()
+        })
+        .await
+        .is_ok()
+}
+
+/// The workspace's built binary: `SAGAD_BIN_DIR` if set, else the newest of target/debug and
+/// target/release. The test command builds the binaries before running the tests.
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    if let Ok(dir) = std::env::var("SAGAD_BIN_DIR") {
+        let path = Path::new(&dir).join(name);
+        if path.exists() {
+            return Ok(path);
+        }
+        bail!("{} does not exist (SAGAD_BIN_DIR)", path.display());
+    }
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| crate::repo_root().join("target"));
+    let newest = ["debug", "release"]
+        .iter()
+        .map(|profile| target.join(profile).join(name))
+        .filter_map(|path| {
+            let modified = path.metadata().and_then(|meta| meta.modified()).ok()?;
+            Some((modified, path))
+        })
+        .max();
+    match newest {
+        Some((_, path)) => Ok(path),
+        None => bail!(
+            "no {name} binary under {}: build it first with `cargo build --workspace --bins`",
+            target.display()
+        ),
+    }
+}
+
+/// The real sagad binary, running in a process of its own.
+pub struct SagadProcess {
+    pub addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl SagadProcess {
+    /// Starts sagad with these flags plus a free `--listen` and `--metrics-listen`, and waits
+    /// until it serves. Its stderr goes to a log file in `log_dir`.
+    pub async fn start(args: &[String], log_dir: &Path) -> anyhow::Result<Self> {
+        let addr: SocketAddr = format!("127.0.0.1:{}", crate::free_port()?).parse()?;
+        let metrics_addr: SocketAddr = format!("127.0.0.1:{}", crate::free_port()?).parse()?;
+        let mut all = args.to_vec();
+        all.extend([
+            "--listen".to_owned(),
+            addr.to_string(),
+            "--metrics-listen".to_owned(),
+            metrics_addr.to_string(),
+        ]);
+        let log = log_dir.join(format!("sagad-{}.log", addr.port()));
+        let stderr = std::fs::File::create(&log)?;
+        let child = Command::new(binary("sagad")?)
+            .args(&all)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting sagad")?;
+        let mut process = Self { addr, metrics_addr, child, log };
+        let until = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = process.child.try_wait()? {
+                bail!(
+                    "sagad exited with {status} before serving: {}",
+                    std::fs::read_to_string(&process.log).unwrap_or_default()
+                );
+            }
+            if serving(addr).await {
+                return Ok(process);
+            }
+            if tokio::time::Instant::now() > until {
+                bail!("sagad did not serve within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn client(&self) -> anyhow::Result<Client> {
+        Ok(SagaOrchestratorClient::connect(format!("http://{}", self.addr)).await?)
+    }
+
+    /// SIGKILL: the process gets no chance to clean up.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        self.child.start_kill()?;
+        self.child.wait().await?;
+        Ok(())
+    }
+
+    /// SIGTERM, then the exit status.
+    pub async fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let pid = self.child.id().context("sagad has already exited")?;
+        let status = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await?;
+        if !status.success() {
+            bail!("kill -TERM {pid} failed");
+        }
+        Ok(self.child.wait().await?)
+    }
+}
+
+/// Runs the sagad binary to completion (for flags and definitions it must refuse) and returns
+/// its exit status and stderr.
+pub async fn run_to_exit(args: &[String]) -> anyhow::Result<(std::process::ExitStatus, String)> {
+    let output = tokio::time::timeout(
+        Duration::from_secs(60),
+        Command::new(binary("sagad")?).args(args).stdin(Stdio::null()).output(),
+    )
+    .await
+    .context("sagad did not exit within 60 s")??;
+    Ok((output.status, String::from_utf8_lossy(&output.stderr).into_owned()))
+}

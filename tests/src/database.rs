@@ -1,0 +1,43 @@
+//! A fresh database per test on the local Postgres, dropped at the end.
+
+use sqlx::Connection;
+use sqlx::postgres::PgConnection;
+
+/// The server the tests use; `SAGAD_TEST_DATABASE_URL` overrides it (without a database name).
+pub fn server_url() -> String {
+    std::env::var("SAGAD_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432".to_owned())
+}
+
+/// A database of one test's own. sagad creates it on first start.
+#[derive(Debug, Clone)]
+pub struct TestDatabase {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDatabase {
+    /// A new, not yet created, database name.
+    pub fn new(label: &str) -> Self {
+        let name = format!("sagad_test_{label}_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let url = format!("{}/{name}", server_url());
+        Self { name, url }
+    }
+
+    /// Reads the orchestrator's tables directly, for checks the API does not show.
+    pub async fn connect(&self) -> anyhow::Result<PgConnection> {
+        Ok(PgConnection::connect(&self.url).await?)
+    }
+
+    /// Drops the database, ending any session still on it.
+    pub async fn drop_database(&self) -> anyhow::Result<()> {
+        let mut admin = PgConnection::connect(&format!("{}/postgres", server_url())).await?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "drop database if exists \"{}\" with (force)",
+            self.name
+        )))
+            .execute(&mut admin)
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,123 @@
+//! Support for sagad's integration and end-to-end tests: fresh Postgres databases, scripted
+//! participant servers that record every call, sagad in-process or as a real process, and
+//! client helpers. Each test gets its own database and ports, so tests run in parallel.
+
+pub mod daemon;
+pub mod database;
+pub mod participant;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use sagad_proto::v1::saga_orchestrator_client::SagaOrchestratorClient;
+use sagad_proto::v1::{GetSagaRequest, Saga, SagaStatus, StartSagaRequest};
+use serde_json::Value;
+use tonic::transport::Channel;
+
+pub use daemon::{SagadProcess, TestDaemon};
+pub use database::TestDatabase;
+pub use participant::{Answer, CallKind, CallRecord, FakeParticipant, Reply};
+
+/// The client the tests drive sagad with.
+pub type Client = SagaOrchestratorClient<Channel>;
+
+/// The repository's root folder.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_default()
+}
+
+/// A folder of its own for one test (definitions, logs), under the system temp dir.
+pub fn scratch_dir(label: &str) -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("sagad-test-{label}-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// A folder holding the given definition files.
+pub fn defs_dir(files: &[(&str, &str)]) -> anyhow::Result<PathBuf> {
+    let dir = scratch_dir("defs")?;
+    for (name, text) in files {
+        std::fs::write(dir.join(name), text)?;
+    }
+    Ok(dir)
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// JSON to the wire's Struct.
+pub fn to_struct(value: Value) -> pbjson_types::Struct {
+    serde_json::from_value(value).unwrap_or_default()
+}
+
+/// The wire's Struct to JSON.
+pub fn to_json(value: &Option<pbjson_types::Struct>) -> Value {
+    value
+        .as_ref()
+        .and_then(|value| serde_json::to_value(value).ok())
+        .unwrap_or(Value::Null)
+}
+
+/// Starts a saga and returns its id.
+pub async fn start_saga(client: &mut Client, saga_type: &str, input: Value) -> anyhow::Result<String> {
+    let response = client
+        .start_saga(StartSagaRequest {
+            saga_type: saga_type.to_owned(),
+            idempotency_key: String::new(),
+            input: Some(to_struct(input)),
+            correlation_id: String::new(),
+        })
+        .await?
+        .into_inner();
+    Ok(response.saga_id)
+}
+
+pub fn is_terminal(status: i32) -> bool {
+    matches!(
+        SagaStatus::try_from(status),
+        Ok(SagaStatus::Completed | SagaStatus::Compensated | SagaStatus::Failed)
+    )
+}
+
+/// Polls until the saga has ended; the generous deadline keeps a loaded 2-core box from flaking.
+pub async fn wait_terminal(client: &mut Client, saga_id: &str, deadline: Duration) -> anyhow::Result<Saga> {
+    wait_until(client, saga_id, deadline, |saga| is_terminal(saga.status)).await
+}
+
+/// Polls until `done` holds for the saga.
+pub async fn wait_until(
+    client: &mut Client,
+    saga_id: &str,
+    deadline: Duration,
+    done: impl Fn(&Saga) -> bool,
+) -> anyhow::Result<Saga> {
+    let until = tokio::time::Instant::now() + deadline;
+    loop {
+        let saga = client
+            .get_saga(GetSagaRequest {
+                saga_id: saga_id.to_owned(),
+                min_version: 0,
+                wait_ms: 0,
+            })
+            .await?
+            .into_inner();
+        if done(&saga) {
+            return Ok(saga);
+        }
+        if tokio::time::Instant::now() > until {
+            bail!(
+                "saga {saga_id} did not get there within {deadline:?}: status {:?}, steps {:?}",
+                SagaStatus::try_from(saga.status),
+                saga.steps
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
