@@ -27,6 +27,7 @@ const MAX_ATTEMPTS_LIMIT: u32 = 1000;
 /// unvalidated ones): the schedule is cut after this many steps instead of looping for ages.
 const MAX_SCHEDULE_STEPS: u32 = 100_000;
 /// The `file` of errors about definitions that did not come from a file.
+#[cfg(test)]
 const MEMORY_FILE: &str = "<memory>";
 
 /// Where a saga type is defined; loaded once at start.
@@ -176,6 +177,7 @@ impl SagaDefinition {
         Ok(definition)
     }
 
+    #[cfg(test)]
     /// The step called `name`, if the saga has one.
     pub fn step(&self, name: &str) -> Option<&StepDefinition> {
         self.steps.iter().find(|step| step.name == name)
@@ -320,6 +322,7 @@ impl DefinitionSet {
         }
     }
 
+    #[cfg(test)]
     /// Builds a set from already-parsed definitions (tests use this); validates as
     /// [`DefinitionSet::load_dir`] does, with `<memory>` as the file in errors.
     pub fn from_definitions(defs: Vec<SagaDefinition>) -> Result<DefinitionSet, DefinitionError> {
@@ -365,11 +368,13 @@ impl DefinitionSet {
             .map(|(_, definition)| Arc::clone(definition))
     }
 
+    #[cfg(test)]
     /// One exact version: what a saga recorded with that `definition_version` resumes on.
     pub fn get(&self, saga_type: &str, version: u32) -> Option<Arc<SagaDefinition>> {
         self.by_type.get(saga_type)?.get(&version).map(Arc::clone)
     }
 
+    #[cfg(test)]
     /// Every participant name used by some step: the clients the engine needs.
     pub fn participants(&self) -> BTreeSet<&str> {
         self.loaded
@@ -401,10 +406,12 @@ impl DefinitionSet {
         Ok(())
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.loaded.is_empty()
     }
 
+    #[cfg(test)]
     /// The loaded saga types, sorted, each once.
     pub fn saga_types(&self) -> impl Iterator<Item = &str> {
         self.by_type.keys().map(String::as_str)
