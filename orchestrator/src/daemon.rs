@@ -18,9 +18,7 @@ use crate::store::{Store, Writer};
 /// Checks what can be checked without the network: definitions and participant addresses.
 pub fn check(config: &Config) -> anyhow::Result<(DefinitionSet, Participants)> {
     let definitions = DefinitionSet::load_dir(&config.defs)?;
-    let addresses = config
-        .participant_addresses()
-        .map_err(anyhow::Error::msg)?;
+    let addresses = config.participant_addresses().map_err(anyhow::Error::msg)?;
     definitions.check_participants(&addresses.keys().cloned().collect())?;
     let participants = Participants::new(&addresses, config.participant_concurrency as usize)?;
     Ok((definitions, participants))

@@ -43,7 +43,11 @@ impl TestDaemon {
         let task = tokio::spawn(sagad::daemon::serve(config, listener, async {
             let _ = stopped.await;
         }));
-        let mut daemon = Self { addr, stop: Some(stop), task: Some(task) };
+        let mut daemon = Self {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        };
         daemon.wait_ready().await?;
         Ok(daemon)
     }
@@ -167,7 +171,12 @@ impl SagadProcess {
             .kill_on_drop(true)
             .spawn()
             .context("starting sagad")?;
-        let mut process = Self { addr, metrics_addr, child, log };
+        let mut process = Self {
+            addr,
+            metrics_addr,
+            child,
+            log,
+        };
         let until = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = process.child.try_wait()? {
@@ -200,7 +209,10 @@ impl SagadProcess {
     /// SIGTERM, then the exit status.
     pub async fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
         let pid = self.child.id().context("sagad has already exited")?;
-        let status = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await?;
+        let status = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await?;
         if !status.success() {
             bail!("kill -TERM {pid} failed");
         }
@@ -213,9 +225,15 @@ impl SagadProcess {
 pub async fn run_to_exit(args: &[String]) -> anyhow::Result<(std::process::ExitStatus, String)> {
     let output = tokio::time::timeout(
         Duration::from_secs(60),
-        Command::new(binary("sagad")?).args(args).stdin(Stdio::null()).output(),
+        Command::new(binary("sagad")?)
+            .args(args)
+            .stdin(Stdio::null())
+            .output(),
     )
     .await
     .context("sagad did not exit within 60 s")??;
-    Ok((output.status, String::from_utf8_lossy(&output.stderr).into_owned()))
+    Ok((
+        output.status,
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    ))
 }

@@ -19,7 +19,10 @@ pub struct TestDatabase {
 impl TestDatabase {
     /// A new, not yet created, database name.
     pub fn new(label: &str) -> Self {
-        let name = format!("sagad_test_{label}_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let name = format!(
+            "sagad_test_{label}_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
         let url = format!("{}/{name}", server_url());
         Self { name, url }
     }
@@ -36,8 +39,8 @@ impl TestDatabase {
             "drop database if exists \"{}\" with (force)",
             self.name
         )))
-            .execute(&mut admin)
-            .await?;
+        .execute(&mut admin)
+        .await?;
         Ok(())
     }
 }

@@ -32,7 +32,10 @@ pub fn repo_root() -> PathBuf {
 
 /// A folder of its own for one test (definitions, logs), under the system temp dir.
 pub fn scratch_dir(label: &str) -> anyhow::Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("sagad-test-{label}-{}", uuid::Uuid::new_v4().simple()));
+    let dir = std::env::temp_dir().join(format!(
+        "sagad-test-{label}-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     Ok(dir)
 }
@@ -66,7 +69,11 @@ pub fn to_json(value: &Option<pbjson_types::Struct>) -> Value {
 }
 
 /// Starts a saga and returns its id.
-pub async fn start_saga(client: &mut Client, saga_type: &str, input: Value) -> anyhow::Result<String> {
+pub async fn start_saga(
+    client: &mut Client,
+    saga_type: &str,
+    input: Value,
+) -> anyhow::Result<String> {
     let response = client
         .start_saga(StartSagaRequest {
             saga_type: saga_type.to_owned(),
@@ -87,7 +94,11 @@ pub fn is_terminal(status: i32) -> bool {
 }
 
 /// Polls until the saga has ended; the generous deadline keeps a loaded 2-core box from flaking.
-pub async fn wait_terminal(client: &mut Client, saga_id: &str, deadline: Duration) -> anyhow::Result<Saga> {
+pub async fn wait_terminal(
+    client: &mut Client,
+    saga_id: &str,
+    deadline: Duration,
+) -> anyhow::Result<Saga> {
     wait_until(client, saga_id, deadline, |saga| is_terminal(saga.status)).await
 }
 

@@ -42,7 +42,10 @@ pub struct CallRecord {
 #[derive(Debug, Clone)]
 pub enum Reply {
     Success(Value),
-    Refuse { code: String, reason: String },
+    Refuse {
+        code: String,
+        reason: String,
+    },
     Status(tonic::Code),
     /// Never answers: the orchestrator's step timeout must fire.
     Hang,
@@ -57,22 +60,34 @@ pub struct Answer {
 
 impl Answer {
     pub fn success(output: Value) -> Self {
-        Self { delay: Duration::ZERO, reply: Reply::Success(output) }
+        Self {
+            delay: Duration::ZERO,
+            reply: Reply::Success(output),
+        }
     }
 
     pub fn refuse(code: &str) -> Self {
         Self {
             delay: Duration::ZERO,
-            reply: Reply::Refuse { code: code.to_owned(), reason: format!("scripted {code}") },
+            reply: Reply::Refuse {
+                code: code.to_owned(),
+                reason: format!("scripted {code}"),
+            },
         }
     }
 
     pub fn status(code: tonic::Code) -> Self {
-        Self { delay: Duration::ZERO, reply: Reply::Status(code) }
+        Self {
+            delay: Duration::ZERO,
+            reply: Reply::Status(code),
+        }
     }
 
     pub fn hang() -> Self {
-        Self { delay: Duration::ZERO, reply: Reply::Hang }
+        Self {
+            delay: Duration::ZERO,
+            reply: Reply::Hang,
+        }
     }
 
     pub fn after(mut self, delay: Duration) -> Self {
@@ -87,7 +102,9 @@ pub type Script = Arc<dyn Fn(&CallRecord, &[CallRecord]) -> Answer + Send + Sync
 /// Every call succeeds, with `{"<step>_id": "<step>-<saga_id>"}` as output.
 pub fn default_answer(call: &CallRecord) -> Answer {
     match call.kind {
-        CallKind::Execute => Answer::success(json!({ format!("{}_id", call.step): format!("{}-{}", call.step, call.saga_id) })),
+        CallKind::Execute => Answer::success(
+            json!({ format!("{}_id", call.step): format!("{}-{}", call.step, call.saga_id) }),
+        ),
         CallKind::Compensate => Answer::success(json!({})),
     }
 }
@@ -108,7 +125,12 @@ pub struct FakeParticipant {
 impl FakeParticipant {
     /// Starts on a free port with the default script.
     pub async fn start(name: &str) -> anyhow::Result<Self> {
-        Self::start_on(name, "127.0.0.1:0".parse()?, Arc::new(|call: &CallRecord, _: &[CallRecord]| default_answer(call))).await
+        Self::start_on(
+            name,
+            "127.0.0.1:0".parse()?,
+            Arc::new(|call: &CallRecord, _: &[CallRecord]| default_answer(call)),
+        )
+        .await
     }
 
     /// Starts on a free port with a script.
@@ -126,7 +148,9 @@ impl FakeParticipant {
             script: RwLock::new(script),
         });
         let (stop, stopped) = oneshot::channel::<()>();
-        let service = ParticipantServer::new(Service { shared: shared.clone() });
+        let service = ParticipantServer::new(Service {
+            shared: shared.clone(),
+        });
         tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(service)
@@ -135,7 +159,11 @@ impl FakeParticipant {
                 })
                 .await;
         });
-        Ok(Self { shared, addr, stop: Some(stop) })
+        Ok(Self {
+            shared,
+            addr,
+            stop: Some(stop),
+        })
     }
 
     /// The URI sagad's `--participant NAME=URI` takes.
@@ -160,12 +188,19 @@ impl FakeParticipant {
 
     /// Every call received so far, in arrival order.
     pub fn calls(&self) -> Vec<CallRecord> {
-        self.shared.calls.lock().map(|calls| calls.clone()).unwrap_or_default()
+        self.shared
+            .calls
+            .lock()
+            .map(|calls| calls.clone())
+            .unwrap_or_default()
     }
 
     /// The calls received for one saga, in arrival order.
     pub fn calls_for(&self, saga_id: &str) -> Vec<CallRecord> {
-        self.calls().into_iter().filter(|call| call.saga_id == saga_id).collect()
+        self.calls()
+            .into_iter()
+            .filter(|call| call.saga_id == saga_id)
+            .collect()
     }
 
     /// Stops serving (connections are refused afterwards); the record of calls stays.
@@ -187,7 +222,11 @@ struct Service {
 }
 
 impl Service {
-    async fn handle(&self, kind: CallKind, request: Request<StepCommand>) -> Result<Response<StepReply>, Status> {
+    async fn handle(
+        &self,
+        kind: CallKind,
+        request: Request<StepCommand>,
+    ) -> Result<Response<StepReply>, Status> {
         let metadata = |key: &str| {
             request
                 .metadata()
@@ -207,7 +246,10 @@ impl Service {
             action: command.action,
             idempotency_key: command.idempotency_key,
             attempt: command.attempt,
-            input: command.input.and_then(|input| serde_json::to_value(input).ok()).unwrap_or(Value::Null),
+            input: command
+                .input
+                .and_then(|input| serde_json::to_value(input).ok())
+                .unwrap_or(Value::Null),
             correlation_id: command.correlation_id,
             metadata_saga_id,
             metadata_correlation_id,
@@ -215,7 +257,12 @@ impl Service {
         };
         let answer = {
             let script = self.shared.script.read().map(|script| script.clone());
-            let calls = self.shared.calls.lock().map(|calls| calls.clone()).unwrap_or_default();
+            let calls = self
+                .shared
+                .calls
+                .lock()
+                .map(|calls| calls.clone())
+                .unwrap_or_default();
             match script {
                 Ok(script) => script(&call, &calls),
                 Err(_) => default_answer(&call),
@@ -229,14 +276,18 @@ impl Service {
             Reply::Success(output) => step_reply::Result::Success(StepSuccess {
                 output: serde_json::from_value(output).ok(),
             }),
-            Reply::Refuse { code, reason } => step_reply::Result::Failure(StepFailure { code, reason }),
+            Reply::Refuse { code, reason } => {
+                step_reply::Result::Failure(StepFailure { code, reason })
+            }
             Reply::Status(code) => return Err(Status::new(code, "scripted error")),
             Reply::Hang => {
                 std::future::pending::<()>().await;
                 return Err(Status::internal("unreachable"));
             }
         };
-        Ok(Response::new(StepReply { result: Some(result) }))
+        Ok(Response::new(StepReply {
+            result: Some(result),
+        }))
     }
 }
 
@@ -246,7 +297,10 @@ impl Participant for Service {
         self.handle(CallKind::Execute, request).await
     }
 
-    async fn compensate(&self, request: Request<StepCommand>) -> Result<Response<StepReply>, Status> {
+    async fn compensate(
+        &self,
+        request: Request<StepCommand>,
+    ) -> Result<Response<StepReply>, Status> {
         self.handle(CallKind::Compensate, request).await
     }
 }

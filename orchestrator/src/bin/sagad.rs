@@ -1,5 +1,6 @@
 //! The sagad daemon: flags, logging, metrics and signals around [`sagad::daemon::serve`].
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -22,10 +23,12 @@ fn main() -> ExitCode {
             }
             // One line: the operator reads the reason, not the usage.
             let rendered = error.render().to_string();
-            eprintln!(
-                "sagad: {}",
-                rendered.lines().next().unwrap_or("invalid arguments")
-            );
+            let reason: Vec<&str> = rendered
+                .lines()
+                .take_while(|line| !line.is_empty() && !line.starts_with("Usage:"))
+                .map(str::trim)
+                .collect();
+            eprintln!("sagad: {}", reason.join(" "));
             return ExitCode::from(2);
         }
     };
@@ -34,6 +37,7 @@ fn main() -> ExitCode {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

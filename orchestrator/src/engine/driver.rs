@@ -89,12 +89,7 @@ fn prepare_call(saga: &Saga, command: Command) -> Call {
     }
 }
 
-fn record_call_metrics(
-    participant: &str,
-    kind: CommandKind,
-    outcome: &Outcome,
-    took: Duration,
-) {
+fn record_call_metrics(participant: &str, kind: CommandKind, outcome: &Outcome, took: Duration) {
     let kind = match kind {
         CommandKind::Execute => "execute",
         CommandKind::Compensate => "compensate",

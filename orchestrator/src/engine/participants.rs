@@ -97,6 +97,7 @@ impl Participants {
             metadata.insert("x-correlation-id", value);
         }
         let mut client = participant.client.clone();
+        let started = tokio::time::Instant::now();
         let reply = if call.compensate {
             tokio::time::timeout(call.timeout, client.compensate(request)).await
         } else {
@@ -109,6 +110,18 @@ impl Participants {
                     humantime::format_duration(call.timeout)
                 ),
             },
+            // The channel enforces the deadline it sent as `grpc-timeout` and reports it as
+            // CANCELLED: that is our timeout, not the participant's refusal.
+            Ok(Err(status))
+                if status.code() == Code::Cancelled && started.elapsed() >= call.timeout =>
+            {
+                Outcome::Transient {
+                    error: format!(
+                        "timed out after {}",
+                        humantime::format_duration(call.timeout)
+                    ),
+                }
+            }
             Ok(Err(status)) => classify_status(&status),
             Ok(Ok(reply)) => match reply.into_inner().result {
                 Some(step_reply::Result::Success(success)) => Outcome::Success {

@@ -340,20 +340,23 @@ impl Saga {
                 step.retry_at = None;
             }
             Event::CompensationAttemptFailed {
+                step: name,
                 attempt,
                 error,
                 retry_at,
-                ..
             } => {
                 let step = &mut self.steps[k];
                 step.compensation_attempts = *attempt;
                 step.last_error = Some(error.clone());
                 step.retry_at = *retry_at;
-                step.status = if retry_at.is_some() {
-                    StepStatus::Compensating
+                if retry_at.is_some() {
+                    step.status = StepStatus::Compensating;
                 } else {
-                    StepStatus::CompensationFailed
-                };
+                    step.status = StepStatus::CompensationFailed;
+                    self.failure_reason = Some(format!(
+                        "compensation of {name} failed after {attempt} attempts: {error}"
+                    ));
+                }
             }
             Event::CompensationRefused {
                 step: name,
@@ -389,21 +392,13 @@ impl Saga {
                 Some(k) => self.call_or_wait(CommandKind::Execute, k, now),
             },
             Phase::Backward => {
-                if let Some(k) = self
+                // The event that failed the compensation set the reason.
+                if self
                     .steps
                     .iter()
-                    .position(|step| step.status == StepStatus::CompensationFailed)
+                    .any(|step| step.status == StepStatus::CompensationFailed)
                 {
-                    let reason = self.failure_reason.clone().unwrap_or_else(|| {
-                        format!(
-                            "compensation of {} failed: {}",
-                            self.definition.steps[k].name,
-                            self.steps[k]
-                                .last_error
-                                .as_deref()
-                                .unwrap_or("unknown error")
-                        )
-                    });
+                    let reason = self.failure_reason.clone().unwrap_or_default();
                     return Decision::Finish(Event::SagaFailed { reason });
                 }
                 match self.next_compensation() {
@@ -645,3 +640,6 @@ fn retry_time(
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod proptests;

@@ -132,12 +132,15 @@ impl Store {
         let pool = loop {
             match Self::try_connect(url, options.clone()).await {
                 Ok(pool) => break pool,
-                Err(error) if tokio::time::Instant::now() + delay < deadline => {
+                Err(error) => {
+                    let now = tokio::time::Instant::now();
+                    if now >= deadline {
+                        return Err(error.into());
+                    }
                     tracing::warn!(%error, "database not reachable yet; retrying");
-                    tokio::time::sleep(delay).await;
+                    tokio::time::sleep(delay.min(deadline - now)).await;
                     delay = (delay * 2).min(Duration::from_secs(2));
                 }
-                Err(error) => return Err(error.into()),
             }
         };
         sqlx::migrate!("../migrations/orchestrator")
