@@ -44,3 +44,39 @@ impl TestDatabase {
         Ok(())
     }
 }
+
+/// Owns a test's database and drops it even when the test fails half way.
+pub struct DatabaseGuard(Option<TestDatabase>);
+
+impl DatabaseGuard {
+    pub fn new(label: &str) -> Self {
+        Self(Some(TestDatabase::new(label)))
+    }
+
+    pub fn url(&self) -> String {
+        self.0.as_ref().map(|db| db.url.clone()).unwrap_or_default()
+    }
+
+    /// Drops the database now, reporting a failure.
+    pub async fn drop_now(&mut self) -> anyhow::Result<()> {
+        match self.0.take() {
+            Some(db) => db.drop_database().await,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for DatabaseGuard {
+    fn drop(&mut self) {
+        if let Some(db) = self.0.take() {
+            // A panicking test: its runtime is busy unwinding, so use a runtime of our own.
+            let _ = std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                runtime.block_on(db.drop_database())
+            })
+            .join();
+        }
+    }
+}

@@ -16,7 +16,7 @@ use serde_json::Value;
 use tonic::transport::Channel;
 
 pub use daemon::{SagadProcess, TestDaemon};
-pub use database::TestDatabase;
+pub use database::{DatabaseGuard, TestDatabase};
 pub use participant::{Answer, CallKind, CallRecord, FakeParticipant, Reply};
 
 /// The client the tests drive sagad with.

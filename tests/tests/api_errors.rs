@@ -1,20 +1,19 @@
 //! Every error code the contract gives for the client API, against an in-process sagad on a
 //! database of its own per test; and that a refused request changes nothing.
 
-use std::task::Poll;
 use std::time::Duration;
 
 use sagad_e2e::participant::default_answer;
 use sagad_e2e::*;
-use sagad_proto::v1::saga_orchestrator_client::SagaOrchestratorClient;
 use sagad_proto::v1::{
     CancelSagaRequest, GetSagaRequest, ListSagasRequest, ListSagasResponse, Saga, SagaStatus,
-    StartSagaRequest, StartSagaResponse, WatchSagaRequest,
+    StartSagaRequest, StartSagaResponse,
 };
 use serde_json::{Value, json};
 use tonic::Code;
-use tonic::codegen::{Service, http};
-use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -26,37 +25,6 @@ fn order_input(customer: &str) -> Value {
         "country": "FR",
         "items": [{"sku": "sku-1", "quantity": 2}],
     })
-}
-
-/// Owns the test's database and drops it even when the test fails half way.
-struct DatabaseGuard(Option<TestDatabase>);
-
-impl DatabaseGuard {
-    fn url(&self) -> String {
-        self.0.as_ref().map(|db| db.url.clone()).unwrap_or_default()
-    }
-
-    async fn drop_now(&mut self) -> anyhow::Result<()> {
-        match self.0.take() {
-            Some(db) => db.drop_database().await,
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for DatabaseGuard {
-    fn drop(&mut self) {
-        if let Some(db) = self.0.take() {
-            // A panicking test: its runtime is busy unwinding, so use a runtime of our own.
-            let _ = std::thread::spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?;
-                runtime.block_on(db.drop_database())
-            })
-            .join();
-        }
-    }
 }
 
 /// sagad on the demo definitions; the payment participant refuses customer "poor".
@@ -71,7 +39,7 @@ struct Env {
 
 impl Env {
     async fn start(label: &str) -> anyhow::Result<Env> {
-        let db = DatabaseGuard(Some(TestDatabase::new(label)));
+        let db = DatabaseGuard::new(label);
         let script: participant::Script = std::sync::Arc::new(|call, _| {
             if call.kind == CallKind::Execute
                 && call.step == "charge_payment"
@@ -397,65 +365,29 @@ async fn cancel_saga_errors_leave_the_saga_as_it_was() -> anyhow::Result<()> {
     env.finish().await
 }
 
-/// A channel that sends every call to `grpc.health.v1.Health/Check`, so the generated sagad
-/// client can stand in for a health client (the tests crate has no tonic-health): the request
-/// `WatchSagaRequest { saga_id }` has the wire layout of `HealthCheckRequest { service }`
-/// (field 1, string) and the reply `SagaEvent { seq }` that of `HealthCheckResponse { status }`
-/// (field 1, varint); a unary reply reads as a stream of one message.
-#[derive(Clone)]
-struct HealthCheckChannel(Channel);
-
-type HttpRequest = http::Request<tonic::body::Body>;
-
-impl Service<HttpRequest> for HealthCheckChannel {
-    type Response = <Channel as Service<HttpRequest>>::Response;
-    type Error = <Channel as Service<HttpRequest>>::Error;
-    type Future = <Channel as Service<HttpRequest>>::Future;
-
-    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Service::poll_ready(&mut self.0, cx)
-    }
-
-    fn call(&mut self, mut request: HttpRequest) -> Self::Future {
-        let mut parts = request.uri().clone().into_parts();
-        parts.path_and_query = Some(http::uri::PathAndQuery::from_static(
-            "/grpc.health.v1.Health/Check",
-        ));
-        if let Ok(uri) = http::Uri::from_parts(parts) {
-            *request.uri_mut() = uri;
-        }
-        Service::call(&mut self.0, request)
-    }
-}
-
-/// `grpc.health.v1.Health/Check` for `service`: the status number (1 is SERVING).
-async fn health_check(env: &Env, service: &str) -> Result<u64, tonic::Status> {
-    let channel = Channel::from_shared(format!("http://{}", env.addr))
+/// `grpc.health.v1.Health/Check` for `service`.
+async fn health_check(env: &Env, service: &str) -> Result<ServingStatus, tonic::Status> {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", env.addr))
         .map_err(|error| tonic::Status::internal(error.to_string()))?
         .connect()
         .await
         .map_err(|error| tonic::Status::unavailable(error.to_string()))?;
-    let mut client = SagaOrchestratorClient::new(HealthCheckChannel(channel));
-    let mut replies = client
-        .watch_saga(WatchSagaRequest {
-            saga_id: service.to_owned(),
+    let mut client = HealthClient::new(channel);
+    let reply = client
+        .check(HealthCheckRequest {
+            service: service.to_owned(),
         })
         .await?
         .into_inner();
-    let reply = replies
-        .message()
-        .await?
-        .ok_or_else(|| tonic::Status::internal("no health reply"))?;
-    Ok(reply.seq)
+    Ok(reply.status())
 }
 
 #[tokio::test]
 async fn health_reports_the_orchestrator_serving() -> anyhow::Result<()> {
     let env = Env::start("api_health").await?;
-    const SERVING: u64 = 1;
     assert_eq!(
         health_check(&env, "sagad.v1.SagaOrchestrator").await?,
-        SERVING
+        ServingStatus::Serving
     );
     // The health service itself answers (not some other service on the path): it knows no
     // such service.

@@ -196,37 +196,6 @@ async fn wait_for(what: &str, done: impl Fn() -> bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Owns the test's database and drops it even when the test fails half way.
-struct DatabaseGuard(Option<TestDatabase>);
-
-impl DatabaseGuard {
-    fn url(&self) -> String {
-        self.0.as_ref().map(|db| db.url.clone()).unwrap_or_default()
-    }
-
-    async fn drop_now(&mut self) -> anyhow::Result<()> {
-        match self.0.take() {
-            Some(db) => db.drop_database().await,
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for DatabaseGuard {
-    fn drop(&mut self) {
-        if let Some(db) = self.0.take() {
-            // A panicking test: its runtime is busy unwinding, so use a runtime of our own.
-            let _ = std::thread::spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?;
-                runtime.block_on(db.drop_database())
-            })
-            .join();
-        }
-    }
-}
-
 /// One test's world: a database, the three participants sharing one script, sagad.
 struct Env {
     participants: Vec<FakeParticipant>,
@@ -239,7 +208,7 @@ struct Env {
 
 impl Env {
     async fn start(label: &str, defs: PathBuf, script: Script) -> anyhow::Result<Env> {
-        let db = DatabaseGuard(Some(TestDatabase::new(label)));
+        let db = DatabaseGuard::new(label);
         let mut participants = Vec::new();
         for name in ["order", "payment", "shipping"] {
             participants.push(FakeParticipant::start_scripted(name, script.clone()).await?);
