@@ -5,6 +5,7 @@
 //! `definition` parses and validates the saga definitions.
 
 pub mod api;
+pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod definition;

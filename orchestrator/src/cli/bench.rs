@@ -1,0 +1,176 @@
+//! `sagactl bench`: starts N sagas, C at a time, waits for each to end (long-polling
+//! `GetSaga` with `min_version`), and reports throughput and the latency from the `StartSaga`
+//! call to the terminal status seen.
+
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt as _, TryStreamExt as _};
+use sagad_proto::v1 as pb;
+use serde_json::{Map, Value, json};
+
+use super::{BenchArgs, Client, rpc_error, to_struct};
+
+/// How long one `GetSaga` long-poll waits for the next version.
+const POLL_WAIT_MS: u32 = 10_000;
+
+/// The input used when `--input` is not given (the demo domain's order).
+fn default_input() -> Map<String, Value> {
+    let value = json!({
+        "amount_cents": 1000,
+        "currency": "EUR",
+        "country": "FR",
+        "items": [{"sku": "sku-1", "quantity": 1}],
+    });
+    match value {
+        Value::Object(fields) => fields,
+        _ => Map::new(),
+    }
+}
+
+fn is_terminal(status: i32) -> bool {
+    matches!(
+        pb::SagaStatus::try_from(status),
+        Ok(pb::SagaStatus::Completed | pb::SagaStatus::Compensated | pb::SagaStatus::Failed)
+    )
+}
+
+/// Runs the benchmark and returns its report.
+pub(super) async fn run(
+    client: &Client,
+    args: &BenchArgs,
+    input: Option<Map<String, Value>>,
+) -> anyhow::Result<Value> {
+    let input = input.unwrap_or_else(default_input);
+    let fresh_customer = !input.contains_key("customer_id");
+    let began = Instant::now();
+    let outcomes: Vec<(Duration, i32)> = futures::stream::iter(0..args.sagas)
+        .map(|_| {
+            let mut input = input.clone();
+            if fresh_customer {
+                input.insert(
+                    "customer_id".to_owned(),
+                    Value::String(uuid::Uuid::new_v4().to_string()),
+                );
+            }
+            one_saga(client.clone(), args.saga_type.clone(), input)
+        })
+        .buffer_unordered(args.concurrency as usize)
+        .try_collect()
+        .await?;
+    let elapsed = began.elapsed();
+    Ok(report(args, elapsed, &outcomes))
+}
+
+/// Starts one saga and waits for it to end: its latency and terminal status.
+async fn one_saga(
+    mut client: Client,
+    saga_type: String,
+    input: Map<String, Value>,
+) -> anyhow::Result<(Duration, i32)> {
+    let started = Instant::now();
+    let response = client
+        .start_saga(pb::StartSagaRequest {
+            saga_type,
+            idempotency_key: String::new(),
+            input: Some(to_struct(input)?),
+            correlation_id: String::new(),
+        })
+        .await
+        .map_err(rpc_error)?
+        .into_inner();
+    let (mut version, status) = response
+        .saga
+        .as_ref()
+        .map_or((0, 0), |saga| (saga.version, saga.status));
+    if is_terminal(status) {
+        return Ok((started.elapsed(), status));
+    }
+    loop {
+        let answer = client
+            .get_saga(pb::GetSagaRequest {
+                saga_id: response.saga_id.clone(),
+                min_version: version + 1,
+                wait_ms: POLL_WAIT_MS,
+            })
+            .await;
+        match answer {
+            Ok(saga) => {
+                let saga = saga.into_inner();
+                if is_terminal(saga.status) {
+                    return Ok((started.elapsed(), saga.status));
+                }
+                version = saga.version;
+            }
+            // Nothing new within the wait: ask again.
+            Err(status) if status.code() == tonic::Code::DeadlineExceeded => {}
+            Err(status) => {
+                return Err(
+                    rpc_error(status).context(format!("waiting for saga {}", response.saga_id))
+                );
+            }
+        }
+    }
+}
+
+/// The nearest-rank percentile of sorted latencies, in milliseconds.
+fn percentile_ms(sorted: &[Duration], fraction: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = (fraction * sorted.len() as f64).ceil() as usize;
+    let index = rank.clamp(1, sorted.len()) - 1;
+    millis(sorted[index])
+}
+
+fn millis(duration: Duration) -> f64 {
+    round(duration.as_secs_f64() * 1000.0, 1)
+}
+
+fn round(value: f64, decimals: i32) -> f64 {
+    let scale = 10f64.powi(decimals);
+    (value * scale).round() / scale
+}
+
+fn report(args: &BenchArgs, elapsed: Duration, outcomes: &[(Duration, i32)]) -> Value {
+    let mut latencies: Vec<Duration> = outcomes.iter().map(|(latency, _)| *latency).collect();
+    latencies.sort();
+    let count = |wanted: pb::SagaStatus| {
+        outcomes
+            .iter()
+            .filter(|(_, status)| *status == wanted as i32)
+            .count()
+    };
+    let seconds = elapsed.as_secs_f64();
+    let per_sec = if seconds > 0.0 {
+        outcomes.len() as f64 / seconds
+    } else {
+        0.0
+    };
+    json!({
+        "sagas": args.sagas,
+        "concurrency": args.concurrency,
+        "elapsed_s": round(seconds, 3),
+        "sagas_per_sec": round(per_sec, 1),
+        "p50_ms": percentile_ms(&latencies, 0.50),
+        "p90_ms": percentile_ms(&latencies, 0.90),
+        "p99_ms": percentile_ms(&latencies, 0.99),
+        "max_ms": latencies.last().copied().map_or(0.0, millis),
+        "completed": count(pb::SagaStatus::Completed),
+        "compensated": count(pb::SagaStatus::Compensated),
+        "failed": count(pb::SagaStatus::Failed),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_the_nearest_rank() {
+        let sorted: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentile_ms(&sorted, 0.50), 50.0);
+        assert_eq!(percentile_ms(&sorted, 0.99), 99.0);
+        assert_eq!(percentile_ms(&[Duration::from_millis(7)], 0.9), 7.0);
+        assert_eq!(percentile_ms(&[], 0.5), 0.0);
+    }
+}
