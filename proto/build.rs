@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/sagad/v1/orchestrator.proto",
         "proto/sagad/participant/v1/participant.proto",
+        "proto/sagad/demo/v1/demo.proto",
     ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");

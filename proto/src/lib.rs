@@ -1,5 +1,6 @@
 //! Generated gRPC code for sagad's two protocols: `sagad.v1` (clients to the orchestrator) and
-//! `sagad.participant.v1` (the orchestrator to participant services).
+//! `sagad.participant.v1` (the orchestrator to participant services); and `sagad.demo.v1`, the
+//! read services of the demo participants.
 
 /// The orchestrator's client API.
 pub mod v1 {
@@ -11,6 +12,14 @@ pub mod participant {
     /// Version 1 of the participant protocol.
     pub mod v1 {
         tonic::include_proto!("sagad.participant.v1");
+    }
+}
+
+/// The read services of the demo participants (order, payment, shipping).
+pub mod demo {
+    /// Version 1 of the demo read services.
+    pub mod v1 {
+        tonic::include_proto!("sagad.demo.v1");
     }
 }
 
