@@ -2,6 +2,7 @@
 //! participant servers that record every call, sagad in-process or as a real process, and
 //! client helpers. Each test gets its own database and ports, so tests run in parallel.
 
+pub mod cli;
 pub mod daemon;
 pub mod database;
 pub mod participant;
