@@ -1,0 +1,361 @@
+//! The participant SDK: serves `sagad.participant.v1.Participant` around a [`StepHandler`] and
+//! makes a participant correct on its own (DESIGN.md, principle 7).
+//!
+//! Each command runs in ONE transaction of the participant's database, with the handler's effect
+//! and a row of the SDK's table (`sagad_processed_commands`, keyed by idempotency key):
+//!
+//! - a repeated key gets the recorded reply and changes nothing; concurrent duplicates take
+//!   turns on a lock of the step, so exactly one takes effect;
+//! - a `Compensate` whose execute key never took effect succeeds without calling the handler and
+//!   leaves a tombstone for the execute key: a late `Execute` is refused (`COMPENSATED`) and
+//!   changes nothing;
+//! - [`StepError::Refused`] rolls back the handler's writes and is the reply (recorded, for an
+//!   execute); [`StepError::Internal`] rolls back everything, records nothing, and answers gRPC
+//!   `INTERNAL`, so the orchestrator retries.
+//!
+//! [`run`] is a participant's whole `main`: the common flags (CONTRACT.md, "Participant
+//! options"), the database (created if missing, migrated), fault injection, tracing, health,
+//! and graceful shutdown on SIGTERM/SIGINT. A complete minimal participant:
+//!
+//! ```no_run
+//! use std::process::ExitCode;
+//!
+//! use sagad_participant::{Parts, ServiceSpec, StepCommandView, StepError, StepHandler};
+//! use serde_json::{Value, json};
+//! use sqlx::PgConnection;
+//!
+//! struct Greeter;
+//!
+//! #[tonic::async_trait]
+//! impl StepHandler for Greeter {
+//!     async fn execute(&self, command: &StepCommandView, conn: &mut PgConnection)
+//!         -> Result<Value, StepError> {
+//!         let name = command.input_str("name")?;
+//!         if name.is_empty() {
+//!             return Err(StepError::refused("NO_NAME", "nobody to greet"));
+//!         }
+//!         // Runtime-checked SQL on the SDK's transaction: the effect and the key commit together.
+//!         sqlx::query("insert into greetings (saga_id, name) values ($1, $2)")
+//!             .bind(&command.saga_id)
+//!             .bind(name)
+//!             .execute(&mut *conn)
+//!             .await?;
+//!         Ok(json!({ "greeting": format!("hello, {name}") }))
+//!     }
+//!
+//!     async fn compensate(&self, command: &StepCommandView, conn: &mut PgConnection)
+//!         -> Result<Value, StepError> {
+//!         sqlx::query("delete from greetings where saga_id = $1")
+//!             .bind(&command.saga_id)
+//!             .execute(&mut *conn)
+//!             .await?;
+//!         Ok(Value::Null)
+//!     }
+//! }
+//!
+//! fn main() -> ExitCode {
+//!     // A real service embeds its folder: `sqlx::migrate!("../../migrations/greeter")`.
+//!     let spec = ServiceSpec::new("greeter-service", "127.0.0.1:50070", sqlx::migrate::Migrator::DEFAULT);
+//!     // No flags of its own (`NoArgs`), no read service (`Parts::new`).
+//!     sagad_participant::run(spec, |_: sagad_participant::NoArgs, _pool| async {
+//!         Ok(Parts::new(Greeter))
+//!     })
+//! }
+//! ```
+
+mod handler;
+mod ledger;
+mod service;
+
+use std::future::Future;
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{CommandFactory, FromArgMatches};
+use sagad_proto::participant::v1::participant_server::ParticipantServer;
+use sqlx::migrate::{MigrateDatabase, Migrator};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::Routes;
+use tracing_subscriber::EnvFilter;
+
+pub use handler::{StepCommandView, StepError, StepHandler};
+pub use ledger::{TABLE as LEDGER_TABLE, migrate as migrate_ledger};
+pub use service::{COMPENSATED, Faults, ParticipantService};
+
+/// The flags every participant takes (CONTRACT.md, "Participant options").
+#[derive(Debug, Clone, clap::Args)]
+pub struct CommonArgs {
+    /// gRPC address [default: the service's own]
+    #[arg(long, env = "LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// The participant's own database (created if missing, migrated at start)
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: String,
+    /// Fraction (0 to 1) of Execute/Compensate calls that answer UNAVAILABLE before doing anything
+    #[arg(long, default_value_t = 0.0, value_parser = parse_rate)]
+    pub transient_failure_rate: f64,
+    /// Every Execute/Compensate waits this many milliseconds first
+    #[arg(long, default_value_t = 0)]
+    pub latency_ms: u64,
+}
+
+impl CommonArgs {
+    pub fn faults(&self) -> Faults {
+        Faults {
+            transient_failure_rate: self.transient_failure_rate,
+            latency: Duration::from_millis(self.latency_ms),
+        }
+    }
+}
+
+fn parse_rate(text: &str) -> Result<f64, String> {
+    let rate: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number"))?;
+    if (0.0..=1.0).contains(&rate) {
+        Ok(rate)
+    } else {
+        Err(format!("{rate} is not between 0 and 1"))
+    }
+}
+
+/// A participant with no flags beyond the common ones.
+#[derive(Debug, Clone, Copy, Default, clap::Args)]
+pub struct NoArgs {}
+
+/// The flags of one participant: the common ones and its own.
+#[derive(Debug, clap::Parser)]
+struct Cli<A: clap::Args> {
+    #[command(flatten)]
+    common: CommonArgs,
+    #[command(flatten)]
+    extra: A,
+}
+
+/// Who the participant is.
+#[derive(Debug)]
+pub struct ServiceSpec {
+    /// The binary's name, for usage and errors.
+    pub name: &'static str,
+    /// The `--listen` default.
+    pub default_listen: &'static str,
+    /// The service's own migrations (`sqlx::migrate!("../../migrations/<service>")`).
+    pub migrator: Migrator,
+}
+
+impl ServiceSpec {
+    pub fn new(name: &'static str, default_listen: &'static str, migrator: Migrator) -> Self {
+        Self {
+            name,
+            default_listen,
+            migrator,
+        }
+    }
+}
+
+/// What a participant serves: its handler, and any other gRPC services (its read service).
+pub struct Parts<H> {
+    pub handler: H,
+    pub routes: Routes,
+}
+
+impl<H: StepHandler> Parts<H> {
+    pub fn new(handler: H) -> Self {
+        Self {
+            handler,
+            routes: Routes::default(),
+        }
+    }
+
+    /// Serves `routes` beside the participant service, e.g.
+    /// `Routes::new(OrdersServer::new(reader))`.
+    pub fn with_routes(mut self, routes: Routes) -> Self {
+        self.routes = routes;
+        self
+    }
+}
+
+/// A participant's whole `main`: parses the common flags and `A`, connects and migrates,
+/// lets `build` make the handler and extra services, serves until SIGTERM/SIGINT. Exits 2 on a
+/// bad flag and 1 on any other error, each with one line on stderr.
+pub fn run<A, H, F, Fut>(spec: ServiceSpec, build: F) -> ExitCode
+where
+    A: clap::Args + clap::FromArgMatches,
+    H: StepHandler,
+    F: FnOnce(A, PgPool) -> Fut,
+    Fut: Future<Output = anyhow::Result<Parts<H>>>,
+{
+    let name = spec.name;
+    let parsed = Cli::<A>::command()
+        .name(name)
+        .try_get_matches()
+        .and_then(|matches| Cli::<A>::from_arg_matches(&matches));
+    let cli = match parsed {
+        Ok(cli) => cli,
+        Err(error) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                error.kind(),
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+            ) {
+                let _ = error.print();
+                return ExitCode::SUCCESS;
+            }
+            let rendered = error.render().to_string();
+            let reason: Vec<&str> = rendered
+                .lines()
+                .take_while(|line| !line.is_empty() && !line.starts_with("Usage:"))
+                .map(str::trim)
+                .collect();
+            eprintln!("{name}: {}", reason.join(" "));
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("{name}: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        let listen = match cli.common.listen {
+            Some(listen) => listen,
+            None => spec
+                .default_listen
+                .parse()
+                .with_context(|| format!("--listen default {}", spec.default_listen))?,
+        };
+        let listener = TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("--listen {listen}"))?;
+        let pool = connect(
+            &cli.common.database_url,
+            &spec.migrator,
+            Duration::from_secs(30),
+        )
+        .await
+        .context("--database-url")?;
+        let faults = cli.common.faults();
+        let parts = build(cli.extra, pool.clone()).await?;
+        serve(pool, parts, faults, listener, shutdown_signal()).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            let text = format!("{error:#}");
+            eprintln!(
+                "{name}: {}",
+                text.split_whitespace().collect::<Vec<_>>().join(" ")
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Connects, creating the database if it is missing and retrying for up to `max_wait` while
+/// the server is unreachable; then runs the service's migrations and creates the SDK's table.
+pub async fn connect(url: &str, migrator: &Migrator, max_wait: Duration) -> anyhow::Result<PgPool> {
+    let options: PgConnectOptions = url.parse()?;
+    let deadline = tokio::time::Instant::now() + max_wait;
+    let mut delay = Duration::from_millis(100);
+    let pool = loop {
+        match try_connect(url, options.clone()).await {
+            Ok(pool) => break pool,
+            Err(error) => {
+                let now = tokio::time::Instant::now();
+                if now >= deadline {
+                    return Err(error.into());
+                }
+                tracing::warn!(%error, "database not reachable yet; retrying");
+                tokio::time::sleep(delay.min(deadline - now)).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    };
+    migrator.run(&pool).await.context("migrations")?;
+    ledger::migrate(&pool).await.context("the SDK's table")?;
+    Ok(pool)
+}
+
+async fn try_connect(url: &str, options: PgConnectOptions) -> Result<PgPool, sqlx::Error> {
+    if !Postgres::database_exists(url).await? {
+        match Postgres::create_database(url).await {
+            Ok(()) => {}
+            // Another process created it first.
+            Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("42P04") => {}
+            Err(error) => return Err(error),
+        }
+    }
+    PgPoolOptions::new()
+        .max_connections(16)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options)
+        .await
+}
+
+/// Serves the participant (and `parts.routes`) on `listener`, with health, until `shutdown`
+/// resolves: then health says NOT_SERVING, calls in flight finish, and it returns.
+pub async fn serve<H: StepHandler>(
+    pool: PgPool,
+    parts: Parts<H>,
+    faults: Faults,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<ParticipantServer<ParticipantService<H>>>()
+        .await;
+    let participant =
+        ParticipantServer::new(ParticipantService::new(pool.clone(), parts.handler, faults));
+    tracing::info!(listen = %listener.local_addr()?, "participant is serving");
+    let shutdown_health = health.clone();
+    tonic::transport::Server::builder()
+        .add_routes(parts.routes)
+        .add_service(health_service)
+        .add_service(participant)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            shutdown.await;
+            tracing::info!("shutting down: finishing calls in flight");
+            shutdown_health
+                .set_not_serving::<ParticipantServer<ParticipantService<H>>>()
+                .await;
+        })
+        .await?;
+    pool.close().await;
+    tracing::info!("participant stopped");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut terminate) => {
+            tokio::select! {
+                _ = interrupt => {}
+                _ = terminate.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = interrupt.await;
+        }
+    }
+}

@@ -1,0 +1,339 @@
+//! The SDK's guarantees against a real Postgres, each test on a fresh database dropped at the end.
+
+use std::time::Duration;
+
+use pbjson_types::Struct;
+use sagad_participant::{
+    COMPENSATED, Faults, LEDGER_TABLE, ParticipantService, StepCommandView, StepError, StepHandler,
+};
+use sagad_proto::participant::v1::participant_server::Participant;
+use sagad_proto::participant::v1::{StepCommand, StepReply, step_reply};
+use serde_json::{Value, json};
+use sqlx::{Connection, PgConnection, PgPool};
+use tonic::Request;
+
+fn server_url() -> String {
+    std::env::var("SAGAD_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432".to_owned())
+}
+
+/// A database of the test's own, dropped when the guard goes (even on a panic).
+struct TestDb {
+    name: String,
+}
+
+impl TestDb {
+    fn new() -> Self {
+        let name = format!(
+            "sagad_test_sdk_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        Self { name }
+    }
+
+    fn url(&self) -> String {
+        format!("{}/{}", server_url(), self.name)
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || -> anyhow::Result<()> {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                let mut admin =
+                    PgConnection::connect(&format!("{}/postgres", server_url())).await?;
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                    "drop database if exists \"{name}\" with (force)"
+                )))
+                .execute(&mut admin)
+                .await?;
+                Ok(())
+            })
+        })
+        .join();
+    }
+}
+
+/// Records every effect as a row; `input.refuse` / `input.fail` write first, then refuse / fail,
+/// so the tests see whether the write was rolled back.
+struct Recorder;
+
+#[tonic::async_trait]
+impl StepHandler for Recorder {
+    async fn execute(
+        &self,
+        command: &StepCommandView,
+        conn: &mut PgConnection,
+    ) -> Result<Value, StepError> {
+        sqlx::query("insert into effects (saga_id, kind) values ($1, 'execute')")
+            .bind(&command.saga_id)
+            .execute(&mut *conn)
+            .await?;
+        // Widen the window for concurrent duplicates.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if command.input().get("refuse").is_some() {
+            return Err(StepError::refused("NOPE", "refused on purpose"));
+        }
+        if command.input().get("fail").is_some() {
+            return Err(StepError::internal("failed on purpose"));
+        }
+        Ok(json!({ "done": command.saga_id }))
+    }
+
+    async fn compensate(
+        &self,
+        command: &StepCommandView,
+        conn: &mut PgConnection,
+    ) -> Result<Value, StepError> {
+        assert_eq!(
+            command.executed_output,
+            Some(json!({ "done": command.saga_id }))
+        );
+        sqlx::query("insert into effects (saga_id, kind) values ($1, 'compensate')")
+            .bind(&command.saga_id)
+            .execute(&mut *conn)
+            .await?;
+        Ok(Value::Null)
+    }
+}
+
+async fn setup(db: &TestDb) -> (PgPool, ParticipantService<Recorder>) {
+    let pool = sagad_participant::connect(
+        &db.url(),
+        &sqlx::migrate::Migrator::DEFAULT,
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    sqlx::query("create table effects (saga_id text not null, kind text not null)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let service = ParticipantService::new(pool.clone(), Recorder, Faults::default());
+    (pool, service)
+}
+
+fn command(saga_id: &str, compensate: bool, input: Value) -> StepCommand {
+    let input: Struct = serde_json::from_value(json!({ "input": input, "steps": {} })).unwrap();
+    let suffix = if compensate { "compensate" } else { "execute" };
+    StepCommand {
+        saga_id: saga_id.to_owned(),
+        saga_type: "test".to_owned(),
+        step: "only".to_owned(),
+        action: if compensate { "Undo" } else { "Do" }.to_owned(),
+        idempotency_key: format!("{saga_id}/only/{suffix}"),
+        attempt: 1,
+        input: Some(input),
+        correlation_id: "corr".to_owned(),
+    }
+}
+
+async fn execute(
+    service: &ParticipantService<Recorder>,
+    command: StepCommand,
+) -> Result<StepReply, tonic::Status> {
+    service
+        .execute(Request::new(command))
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn compensate(
+    service: &ParticipantService<Recorder>,
+    command: StepCommand,
+) -> Result<StepReply, tonic::Status> {
+    service
+        .compensate(Request::new(command))
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn effects(pool: &PgPool, kind: &str) -> i64 {
+    sqlx::query_scalar("select count(*) from effects where kind = $1")
+        .bind(kind)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+async fn keys(pool: &PgPool) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "select count(*) from {LEDGER_TABLE}"
+    )))
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+fn failure_code(reply: &StepReply) -> Option<&str> {
+    match &reply.result {
+        Some(step_reply::Result::Failure(failure)) => Some(&failure.code),
+        _ => None,
+    }
+}
+
+fn is_success(reply: &StepReply) -> bool {
+    matches!(reply.result, Some(step_reply::Result::Success(_)))
+}
+
+#[tokio::test]
+async fn a_repeated_key_gets_the_first_reply_and_changes_nothing() {
+    let db = TestDb::new();
+    let (pool, service) = setup(&db).await;
+    let first = execute(&service, command("s1", false, json!({})))
+        .await
+        .unwrap();
+    let mut again = command("s1", false, json!({}));
+    again.attempt = 2;
+    let second = execute(&service, again).await.unwrap();
+    assert!(is_success(&first));
+    assert_eq!(first, second);
+    assert_eq!(effects(&pool, "execute").await, 1);
+
+    let undo = compensate(&service, command("s1", true, json!({})))
+        .await
+        .unwrap();
+    let undo_again = compensate(&service, command("s1", true, json!({})))
+        .await
+        .unwrap();
+    assert!(is_success(&undo));
+    assert_eq!(undo, undo_again);
+    assert_eq!(effects(&pool, "compensate").await, 1);
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn twenty_concurrent_duplicates_take_effect_once() {
+    let db = TestDb::new();
+    let (pool, service) = setup(&db).await;
+    let calls = (0..20).map(|_| {
+        let service = service.clone();
+        tokio::spawn(async move { execute(&service, command("s2", false, json!({}))).await })
+    });
+    let replies: Vec<StepReply> = futures_join(calls).await;
+    assert!(replies.iter().all(|reply| reply == &replies[0]));
+    assert!(is_success(&replies[0]));
+    assert_eq!(effects(&pool, "execute").await, 1);
+    assert_eq!(keys(&pool).await, 1);
+    pool.close().await;
+}
+
+async fn futures_join(
+    handles: impl Iterator<Item = tokio::task::JoinHandle<Result<StepReply, tonic::Status>>>,
+) -> Vec<StepReply> {
+    let mut replies = Vec::new();
+    for handle in handles.collect::<Vec<_>>() {
+        replies.push(handle.await.unwrap().unwrap());
+    }
+    replies
+}
+
+#[tokio::test]
+async fn a_null_compensation_succeeds_and_leaves_a_tombstone() {
+    let db = TestDb::new();
+    let (pool, service) = setup(&db).await;
+    let undo = compensate(&service, command("s3", true, json!({})))
+        .await
+        .unwrap();
+    assert!(is_success(&undo));
+    assert_eq!(effects(&pool, "compensate").await, 0);
+    let kind: String = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "select kind from {LEDGER_TABLE} where idempotency_key = 's3/only/execute'"
+    )))
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(kind, "tombstone");
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn a_late_execute_after_its_compensation_is_refused_and_changes_nothing() {
+    let db = TestDb::new();
+    let (pool, service) = setup(&db).await;
+    compensate(&service, command("s4", true, json!({})))
+        .await
+        .unwrap();
+    let late = execute(&service, command("s4", false, json!({})))
+        .await
+        .unwrap();
+    assert_eq!(failure_code(&late), Some(COMPENSATED));
+    assert_eq!(effects(&pool, "execute").await, 0);
+    // And it stays refused.
+    let later = execute(&service, command("s4", false, json!({})))
+        .await
+        .unwrap();
+    assert_eq!(late, later);
+    assert_eq!(effects(&pool, "execute").await, 0);
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn a_handler_error_rolls_back_the_effect_and_the_key() {
+    let db = TestDb::new();
+    let (pool, service) = setup(&db).await;
+    let status = execute(&service, command("s5", false, json!({ "fail": true })))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Internal);
+    assert_eq!(effects(&pool, "execute").await, 0);
+    assert_eq!(keys(&pool).await, 0);
+    // The next attempt with the same key runs again.
+    let retried = execute(&service, command("s5", false, json!({})))
+        .await
+        .unwrap();
+    assert!(is_success(&retried));
+    assert_eq!(effects(&pool, "execute").await, 1);
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn a_refusal_is_recorded_and_replayed_for_the_same_key() {
+    let db = TestDb::new();
+    let (pool, service) = setup(&db).await;
+    let refused = execute(&service, command("s6", false, json!({ "refuse": true })))
+        .await
+        .unwrap();
+    assert_eq!(failure_code(&refused), Some("NOPE"));
+    // The handler's write before the refusal is rolled back; the key is kept.
+    assert_eq!(effects(&pool, "execute").await, 0);
+    assert_eq!(keys(&pool).await, 1);
+    // The same key without the refusing input still gets the refusal.
+    let replayed = execute(&service, command("s6", false, json!({})))
+        .await
+        .unwrap();
+    assert_eq!(refused, replayed);
+    assert_eq!(effects(&pool, "execute").await, 0);
+    // Compensating a refused step changes nothing.
+    let undo = compensate(&service, command("s6", true, json!({})))
+        .await
+        .unwrap();
+    assert!(is_success(&undo));
+    assert_eq!(effects(&pool, "compensate").await, 0);
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn injected_faults_answer_unavailable_before_anything() {
+    let db = TestDb::new();
+    let (pool, _) = setup(&db).await;
+    let service = ParticipantService::new(
+        pool.clone(),
+        Recorder,
+        Faults {
+            transient_failure_rate: 1.0,
+            latency: Duration::from_millis(1),
+        },
+    );
+    let status = execute(&service, command("s7", false, json!({})))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert_eq!(effects(&pool, "execute").await, 0);
+    assert_eq!(keys(&pool).await, 0);
+    pool.close().await;
+}
