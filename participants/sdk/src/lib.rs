@@ -66,6 +66,7 @@
 mod handler;
 mod ledger;
 mod service;
+pub mod testing;
 
 use std::future::Future;
 use std::io::IsTerminal;

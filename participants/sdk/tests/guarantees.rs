@@ -3,60 +3,15 @@
 use std::time::Duration;
 
 use pbjson_types::Struct;
+use sagad_participant::testing::TestDatabase;
 use sagad_participant::{
     COMPENSATED, Faults, LEDGER_TABLE, ParticipantService, StepCommandView, StepError, StepHandler,
 };
 use sagad_proto::participant::v1::participant_server::Participant;
 use sagad_proto::participant::v1::{StepCommand, StepReply, step_reply};
 use serde_json::{Value, json};
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::{PgConnection, PgPool};
 use tonic::Request;
-
-fn server_url() -> String {
-    std::env::var("SAGAD_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432".to_owned())
-}
-
-/// A database of the test's own, dropped when the guard goes (even on a panic).
-struct TestDb {
-    name: String,
-}
-
-impl TestDb {
-    fn new() -> Self {
-        let name = format!(
-            "sagad_test_sdk_{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..12]
-        );
-        Self { name }
-    }
-
-    fn url(&self) -> String {
-        format!("{}/{}", server_url(), self.name)
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        let _ = std::thread::spawn(move || -> anyhow::Result<()> {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            runtime.block_on(async {
-                let mut admin =
-                    PgConnection::connect(&format!("{}/postgres", server_url())).await?;
-                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                    "drop database if exists \"{name}\" with (force)"
-                )))
-                .execute(&mut admin)
-                .await?;
-                Ok(())
-            })
-        })
-        .join();
-    }
-}
 
 /// Records every effect as a row; `input.refuse` / `input.fail` write first, then refuse / fail,
 /// so the tests see whether the write was rolled back.
@@ -101,7 +56,7 @@ impl StepHandler for Recorder {
     }
 }
 
-async fn setup(db: &TestDb) -> (PgPool, ParticipantService<Recorder>) {
+async fn setup(db: &TestDatabase) -> (PgPool, ParticipantService<Recorder>) {
     let pool = sagad_participant::connect(
         &db.url(),
         &sqlx::migrate::Migrator::DEFAULT,
@@ -182,7 +137,7 @@ fn is_success(reply: &StepReply) -> bool {
 
 #[tokio::test]
 async fn a_repeated_key_gets_the_first_reply_and_changes_nothing() {
-    let db = TestDb::new();
+    let db = TestDatabase::new("sdk");
     let (pool, service) = setup(&db).await;
     let first = execute(&service, command("s1", false, json!({})))
         .await
@@ -208,7 +163,7 @@ async fn a_repeated_key_gets_the_first_reply_and_changes_nothing() {
 
 #[tokio::test]
 async fn twenty_concurrent_duplicates_take_effect_once() {
-    let db = TestDb::new();
+    let db = TestDatabase::new("sdk");
     let (pool, service) = setup(&db).await;
     let calls = (0..20).map(|_| {
         let service = service.clone();
@@ -234,7 +189,7 @@ async fn futures_join(
 
 #[tokio::test]
 async fn a_null_compensation_succeeds_and_leaves_a_tombstone() {
-    let db = TestDb::new();
+    let db = TestDatabase::new("sdk");
     let (pool, service) = setup(&db).await;
     let undo = compensate(&service, command("s3", true, json!({})))
         .await
@@ -253,7 +208,7 @@ async fn a_null_compensation_succeeds_and_leaves_a_tombstone() {
 
 #[tokio::test]
 async fn a_late_execute_after_its_compensation_is_refused_and_changes_nothing() {
-    let db = TestDb::new();
+    let db = TestDatabase::new("sdk");
     let (pool, service) = setup(&db).await;
     compensate(&service, command("s4", true, json!({})))
         .await
@@ -274,7 +229,7 @@ async fn a_late_execute_after_its_compensation_is_refused_and_changes_nothing() 
 
 #[tokio::test]
 async fn a_handler_error_rolls_back_the_effect_and_the_key() {
-    let db = TestDb::new();
+    let db = TestDatabase::new("sdk");
     let (pool, service) = setup(&db).await;
     let status = execute(&service, command("s5", false, json!({ "fail": true })))
         .await
@@ -293,7 +248,7 @@ async fn a_handler_error_rolls_back_the_effect_and_the_key() {
 
 #[tokio::test]
 async fn a_refusal_is_recorded_and_replayed_for_the_same_key() {
-    let db = TestDb::new();
+    let db = TestDatabase::new("sdk");
     let (pool, service) = setup(&db).await;
     let refused = execute(&service, command("s6", false, json!({ "refuse": true })))
         .await
@@ -319,7 +274,7 @@ async fn a_refusal_is_recorded_and_replayed_for_the_same_key() {
 
 #[tokio::test]
 async fn injected_faults_answer_unavailable_before_anything() {
-    let db = TestDb::new();
+    let db = TestDatabase::new("sdk");
     let (pool, _) = setup(&db).await;
     let service = ParticipantService::new(
         pool.clone(),
