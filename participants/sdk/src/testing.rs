@@ -56,3 +56,41 @@ impl Drop for TestDatabase {
         .join();
     }
 }
+
+/// A command as the orchestrator would send it, for `step` of `saga_id`, with the saga context
+/// `context` (`{"input": …, "steps": {…}}`).
+pub fn command(
+    saga_id: &str,
+    step: &str,
+    action: &str,
+    compensate: bool,
+    context: &serde_json::Value,
+) -> sagad_proto::participant::v1::StepCommand {
+    let suffix = if compensate { "compensate" } else { "execute" };
+    sagad_proto::participant::v1::StepCommand {
+        saga_id: saga_id.to_owned(),
+        saga_type: "order_fulfillment".to_owned(),
+        step: step.to_owned(),
+        action: action.to_owned(),
+        idempotency_key: format!("{saga_id}/{step}/{suffix}"),
+        attempt: 1,
+        input: serde_json::from_value(context.clone()).ok(),
+        correlation_id: format!("test-{saga_id}"),
+    }
+}
+
+/// The output of a success, or the code of a failure.
+pub fn outcome(
+    reply: &sagad_proto::participant::v1::StepReply,
+) -> Result<serde_json::Value, String> {
+    use sagad_proto::participant::v1::step_reply::Result as R;
+    match &reply.result {
+        Some(R::Success(success)) => Ok(success
+            .output
+            .as_ref()
+            .and_then(|output| serde_json::to_value(output).ok())
+            .unwrap_or(serde_json::Value::Null)),
+        Some(R::Failure(failure)) => Err(failure.code.clone()),
+        None => Err(String::new()),
+    }
+}
