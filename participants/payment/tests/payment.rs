@@ -1,0 +1,99 @@
+//! Charges, refusals, refunds and the Payments read service, on a fresh database.
+
+use std::time::Duration;
+
+use payment_service::{PaymentHandler, PaymentReader};
+use sagad_participant::testing::{TestDatabase, command, outcome};
+use sagad_participant::{Faults, ParticipantService};
+use sagad_proto::demo::v1::GetAccountRequest;
+use sagad_proto::demo::v1::payments_server::Payments;
+use sagad_proto::participant::v1::participant_server::Participant;
+use serde_json::{Value, json};
+use tonic::Request;
+
+async fn balance(reader: &PaymentReader, customer_id: &str) -> i64 {
+    reader
+        .get_account(Request::new(GetAccountRequest {
+            customer_id: customer_id.to_owned(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .balance_cents
+}
+
+fn context(customer_id: &str, amount_cents: f64) -> Value {
+    json!({
+        "input": { "customer_id": customer_id, "amount_cents": amount_cents, "country": "FR" },
+        "steps": { "create_order": { "order_id": "o1" } },
+    })
+}
+
+#[tokio::test]
+async fn charge_refuse_and_refund() {
+    let db = TestDatabase::new("payment");
+    let pool = sagad_participant::connect(
+        &db.url(),
+        &payment_service::migrator(),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let service =
+        ParticipantService::new(pool.clone(), PaymentHandler::new(10_000), Faults::default());
+    let reader = PaymentReader::new(pool.clone(), 10_000);
+    assert_eq!(balance(&reader, "c1").await, 10_000);
+
+    let charge = |saga: &str, amount: f64| {
+        command(
+            saga,
+            "charge_payment",
+            "ChargePayment",
+            false,
+            &context("c1", amount),
+        )
+    };
+    let charged = service
+        .execute(Request::new(charge("s1", 7_500.0)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(outcome(&charged).unwrap()["payment_id"].is_string());
+    assert_eq!(balance(&reader, "c1").await, 2_500);
+
+    let refused = service
+        .execute(Request::new(charge("s2", 2_501.0)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcome(&refused), Err("INSUFFICIENT_FUNDS".to_owned()));
+    assert_eq!(balance(&reader, "c1").await, 2_500);
+
+    let refund = command(
+        "s1",
+        "charge_payment",
+        "RefundPayment",
+        true,
+        &context("c1", 7_500.0),
+    );
+    let refunded = service
+        .compensate(Request::new(refund.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(outcome(&refunded).is_ok());
+    assert_eq!(balance(&reader, "c1").await, 10_000);
+    // A repeated refund changes nothing.
+    service.compensate(Request::new(refund)).await.unwrap();
+    assert_eq!(balance(&reader, "c1").await, 10_000);
+
+    // The whole balance can be charged.
+    let exact = service
+        .execute(Request::new(charge("s3", 10_000.0)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(outcome(&exact).is_ok());
+    assert_eq!(balance(&reader, "c1").await, 0);
+    pool.close().await;
+}
