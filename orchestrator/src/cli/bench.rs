@@ -39,7 +39,7 @@ pub(super) async fn run(
     client: &Client,
     args: &BenchArgs,
     input: Option<Map<String, Value>>,
-) -> anyhow::Result<Value> {
+) -> anyhow::Result<Vec<(&'static str, Value)>> {
     let input = input.unwrap_or_else(default_input);
     let fresh_customer = !input.contains_key("customer_id");
     let began = Instant::now();
@@ -131,7 +131,12 @@ fn round(value: f64, decimals: i32) -> f64 {
     (value * scale).round() / scale
 }
 
-fn report(args: &BenchArgs, elapsed: Duration, outcomes: &[(Duration, i32)]) -> Value {
+/// The figures, in the order they are printed.
+fn report(
+    args: &BenchArgs,
+    elapsed: Duration,
+    outcomes: &[(Duration, i32)],
+) -> Vec<(&'static str, Value)> {
     let mut latencies: Vec<Duration> = outcomes.iter().map(|(latency, _)| *latency).collect();
     latencies.sort();
     let count = |wanted: pb::SagaStatus| {
@@ -146,19 +151,25 @@ fn report(args: &BenchArgs, elapsed: Duration, outcomes: &[(Duration, i32)]) -> 
     } else {
         0.0
     };
-    json!({
-        "sagas": args.sagas,
-        "concurrency": args.concurrency,
-        "elapsed_s": round(seconds, 3),
-        "sagas_per_sec": round(per_sec, 1),
-        "p50_ms": percentile_ms(&latencies, 0.50),
-        "p90_ms": percentile_ms(&latencies, 0.90),
-        "p99_ms": percentile_ms(&latencies, 0.99),
-        "max_ms": latencies.last().copied().map_or(0.0, millis),
-        "completed": count(pb::SagaStatus::Completed),
-        "compensated": count(pb::SagaStatus::Compensated),
-        "failed": count(pb::SagaStatus::Failed),
-    })
+    vec![
+        ("sagas", Value::from(args.sagas)),
+        ("concurrency", Value::from(args.concurrency)),
+        ("elapsed_s", Value::from(round(seconds, 3))),
+        ("sagas_per_sec", Value::from(round(per_sec, 1))),
+        ("p50_ms", Value::from(percentile_ms(&latencies, 0.50))),
+        ("p90_ms", Value::from(percentile_ms(&latencies, 0.90))),
+        ("p99_ms", Value::from(percentile_ms(&latencies, 0.99))),
+        (
+            "max_ms",
+            Value::from(latencies.last().copied().map_or(0.0, millis)),
+        ),
+        ("completed", Value::from(count(pb::SagaStatus::Completed))),
+        (
+            "compensated",
+            Value::from(count(pb::SagaStatus::Compensated)),
+        ),
+        ("failed", Value::from(count(pb::SagaStatus::Failed))),
+    ]
 }
 
 #[cfg(test)]

@@ -187,15 +187,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map_err(rpc_error)?
                 .into_inner();
             let status = response.saga.as_ref().map_or(0, |saga| saga.status);
-            let value = serde_json::json!({
-                "saga_id": response.saga_id,
-                "created": response.created,
-                "status": render::saga_status(status),
-            });
-            match output {
-                Output::Json => emit_json(&value),
-                Output::Table => emit(&render::key_values(&value)),
-            }
+            emit_fields(
+                output,
+                &[
+                    ("saga_id", Value::from(response.saga_id)),
+                    ("created", Value::from(response.created)),
+                    ("status", Value::from(render::saga_status(status))),
+                ],
+            )
         }
         Command::Get { id } => {
             let saga = client
@@ -234,10 +233,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench(args) => {
             let report = bench::run(&client, &args, bench_input).await?;
-            match output {
-                Output::Json => emit_json(&report),
-                Output::Table => emit(&render::key_values(&report)),
-            }
+            emit_fields(output, &report)
         }
     }
 }
@@ -416,6 +412,14 @@ fn emit_saga(output: Output, saga: &pb::Saga) -> anyhow::Result<()> {
     match output {
         Output::Json => emit_json(&render::saga_json(saga)),
         Output::Table => emit(&render::saga_table(saga)),
+    }
+}
+
+/// A flat result: one JSON object, or `key  value` lines.
+fn emit_fields(output: Output, fields: &[(&str, Value)]) -> anyhow::Result<()> {
+    match output {
+        Output::Json => emit_json(&render::object(fields)),
+        Output::Table => emit(&render::key_values(fields)),
     }
 }
 

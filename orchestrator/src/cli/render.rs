@@ -54,10 +54,43 @@ fn time_json(at: Option<&pbjson_types::Timestamp>) -> Value {
     })
 }
 
+/// A Struct as JSON. The wire carries every number as a double: whole ones are shown as
+/// integers again (`1250`, not `1250.0`).
 fn struct_json(value: Option<&pbjson_types::Struct>) -> Value {
     value
         .and_then(|value| serde_json::to_value(value).ok())
-        .unwrap_or(Value::Null)
+        .map_or(Value::Null, whole_numbers)
+}
+
+fn whole_numbers(value: Value) -> Value {
+    /// Doubles hold every integer up to 2^53 exactly.
+    const EXACT: f64 = 9_007_199_254_740_992.0;
+    match value {
+        Value::Number(number) => match number.as_f64() {
+            Some(float) if number.is_f64() && float.fract() == 0.0 && float.abs() <= EXACT => {
+                Value::from(float as i64)
+            }
+            _ => Value::Number(number),
+        },
+        Value::Array(items) => Value::Array(items.into_iter().map(whole_numbers).collect()),
+        Value::Object(fields) => Value::Object(
+            fields
+                .into_iter()
+                .map(|(key, value)| (key, whole_numbers(value)))
+                .collect(),
+        ),
+        other => other,
+    }
+}
+
+/// A JSON object of these fields (in the order given, for [`key_values`]).
+pub(super) fn object(fields: &[(&str, Value)]) -> Value {
+    Value::Object(
+        fields
+            .iter()
+            .map(|(key, value)| ((*key).to_owned(), value.clone()))
+            .collect(),
+    )
 }
 
 pub(super) fn step_json(step: &pb::Step) -> Value {
@@ -149,28 +182,22 @@ pub(super) fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     text
 }
 
-/// A flat JSON object as `key  value` lines.
-pub(super) fn key_values(value: &Value) -> String {
-    let Value::Object(fields) = value else {
-        return value.to_string();
-    };
-    let rows: Vec<Vec<String>> = fields
+/// Fields as `key  value` lines, in the order given.
+pub(super) fn key_values(fields: &[(&str, Value)]) -> String {
+    let width = fields
+        .iter()
+        .map(|(key, _)| key.len())
+        .max()
+        .unwrap_or_default();
+    fields
         .iter()
         .map(|(key, value)| {
             let value = match value {
                 Value::String(text) => text.clone(),
                 other => other.to_string(),
             };
-            vec![key.clone(), value]
+            format!("{key:<width$}  {value}")
         })
-        .collect();
-    let width = rows
-        .iter()
-        .map(|row| row[0].len())
-        .max()
-        .unwrap_or_default();
-    rows.iter()
-        .map(|row| format!("{:<width$}  {}", row[0], row[1]))
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -331,5 +358,14 @@ mod tests {
             ],
         );
         assert_eq!(text, "A      LONG_HEADER\nvalue  x\nv      y z");
+    }
+
+    #[test]
+    fn whole_doubles_show_as_integers() {
+        let value = json!({"a": 1250.0, "b": [2.5, 3.0], "c": {"d": -1.0}, "e": "1.0"});
+        assert_eq!(
+            whole_numbers(value),
+            json!({"a": 1250, "b": [2.5, 3], "c": {"d": -1}, "e": "1.0"})
+        );
     }
 }
