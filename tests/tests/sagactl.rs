@@ -524,5 +524,21 @@ async fn bench_reports_its_figures() -> anyhow::Result<()> {
         run.stdout
     );
 
+    // A saga that cannot end: bench gives up at its timeout and says so.
+    let run = env
+        .run(&[
+            "bench",
+            "--sagas",
+            "1",
+            "--concurrency",
+            "1",
+            "--input",
+            &order_input("slow"),
+            "--timeout",
+            "1s",
+        ])
+        .await?;
+    assert_fails_with(&run, "bench did not finish within 1s: 0 of 1 sagas ended");
+
     env.stop().await
 }

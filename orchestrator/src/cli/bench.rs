@@ -2,7 +2,10 @@
 //! `GetSaga` with `min_version`), and reports throughput and the latency from the `StartSaga`
 //! call to the terminal status seen.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
+
+use anyhow::bail;
 
 use futures::{StreamExt as _, TryStreamExt as _};
 use sagad_proto::v1 as pb;
@@ -43,7 +46,8 @@ pub(super) async fn run(
     let input = input.unwrap_or_else(default_input);
     let fresh_customer = !input.contains_key("customer_id");
     let began = Instant::now();
-    let outcomes: Vec<(Duration, i32)> = futures::stream::iter(0..args.sagas)
+    let ended = AtomicU32::new(0);
+    let all = futures::stream::iter(0..args.sagas)
         .map(|_| {
             let mut input = input.clone();
             if fresh_customer {
@@ -52,11 +56,25 @@ pub(super) async fn run(
                     Value::String(uuid::Uuid::new_v4().to_string()),
                 );
             }
-            one_saga(client.clone(), args.saga_type.clone(), input)
+            let ended = &ended;
+            let saga = one_saga(client.clone(), args.saga_type.clone(), input);
+            async move {
+                let outcome = saga.await?;
+                ended.fetch_add(1, Ordering::Relaxed);
+                anyhow::Ok(outcome)
+            }
         })
         .buffer_unordered(args.concurrency as usize)
-        .try_collect()
-        .await?;
+        .try_collect::<Vec<(Duration, i32)>>();
+    let Ok(outcomes) = tokio::time::timeout(args.timeout, all).await else {
+        bail!(
+            "bench did not finish within {}: {} of {} sagas ended",
+            humantime::format_duration(args.timeout),
+            ended.load(Ordering::Relaxed),
+            args.sagas
+        );
+    };
+    let outcomes = outcomes?;
     let elapsed = began.elapsed();
     Ok(report(args, elapsed, &outcomes))
 }

@@ -82,7 +82,7 @@ pub enum Command {
         #[arg(long, value_delimiter = ',')]
         status: Vec<String>,
         /// At most this many sagas.
-        #[arg(long, default_value_t = 50)]
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
         limit: u32,
     },
     /// Print a saga's events as they happen, until it ends.
@@ -122,6 +122,9 @@ pub struct BenchArgs {
     /// a fresh one.
     #[arg(long)]
     pub input: Option<String>,
+    /// Give up if the sagas have not all ended within this time ("90s", "10m").
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
 }
 
 /// Runs `sagactl` with the process's arguments; the exit code says whether it worked.
