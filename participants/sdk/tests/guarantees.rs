@@ -292,3 +292,41 @@ async fn injected_faults_answer_unavailable_before_anything() {
     assert_eq!(keys(&pool).await, 0);
     pool.close().await;
 }
+
+#[tokio::test]
+async fn an_execute_racing_its_compensation_ends_undone_either_way() {
+    let db = TestDatabase::new("sdk");
+    let (pool, service) = setup(&db).await;
+    for round in 0..10 {
+        let saga = format!("race{round}");
+        let (forward, backward) = tokio::join!(
+            execute(&service, command(&saga, false, json!({}))),
+            compensate(&service, command(&saga, true, json!({}))),
+        );
+        let forward = forward.unwrap();
+        assert!(is_success(&backward.unwrap()));
+        let done: i64 = sqlx::query_scalar(
+            "select count(*) from effects where saga_id = $1 and kind = 'execute'",
+        )
+        .bind(&saga)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        let undone: i64 = sqlx::query_scalar(
+            "select count(*) from effects where saga_id = $1 and kind = 'compensate'",
+        )
+        .bind(&saga)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        // Either the execute ran and was compensated, or the compensation came first and the
+        // execute was refused: never an effect left standing.
+        if is_success(&forward) {
+            assert_eq!((done, undone), (1, 1));
+        } else {
+            assert_eq!(failure_code(&forward), Some(COMPENSATED));
+            assert_eq!((done, undone), (0, 0));
+        }
+    }
+    pool.close().await;
+}
