@@ -224,6 +224,11 @@ impl Engine {
                         () = &mut tick => return,
                         announced = committed.recv() => match announced {
                             Ok((id, _)) if id != saga_id => {}
+                            // The writer has stopped (shutdown): only the tick is left.
+                            Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                                (&mut tick).await;
+                                return;
+                            }
                             _ => return,
                         },
                     }
