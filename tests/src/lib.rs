@@ -5,14 +5,16 @@
 pub mod cli;
 pub mod daemon;
 pub mod database;
+pub mod demo;
 pub mod participant;
 
-use std::path::PathBuf;
-use std::time::Duration;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use sagad_proto::v1::saga_orchestrator_client::SagaOrchestratorClient;
-use sagad_proto::v1::{GetSagaRequest, Saga, SagaStatus, StartSagaRequest};
+use sagad_proto::v1::{GetSagaRequest, ListSagasRequest, Saga, SagaStatus, StartSagaRequest};
 use serde_json::Value;
 use tonic::transport::Channel;
 
@@ -132,4 +134,104 @@ pub async fn wait_until(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A folder this test made (definitions, logs), removed when the test is done with it; kept
+/// after a failed assertion or when [`keep`](Scratch::keep) was called, for the logs.
+pub struct Scratch {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl Scratch {
+    pub fn defs(files: &[(&str, &str)]) -> anyhow::Result<Self> {
+        Ok(Self {
+            path: defs_dir(files)?,
+            keep: false,
+        })
+    }
+
+    pub fn logs(label: &str) -> anyhow::Result<Self> {
+        Ok(Self {
+            path: scratch_dir(label)?,
+            keep: false,
+        })
+    }
+
+    /// Leaves the folder in place: the test failed and its logs explain why.
+    pub fn keep(&mut self) {
+        self.keep = true;
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !self.keep && !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// GetSaga without waiting.
+pub async fn get_saga(client: &mut Client, saga_id: &str) -> anyhow::Result<Saga> {
+    Ok(client
+        .get_saga(GetSagaRequest {
+            saga_id: saga_id.to_owned(),
+            min_version: 0,
+            wait_ms: 0,
+        })
+        .await?
+        .into_inner())
+}
+
+/// Polls `ListSagas` until every saga in `ids` has ended, then returns each as `GetSaga` has it.
+pub async fn wait_all_terminal(
+    client: &mut Client,
+    ids: &BTreeSet<String>,
+    deadline: Duration,
+) -> anyhow::Result<BTreeMap<String, Saga>> {
+    let until = Instant::now() + deadline;
+    loop {
+        let listed = client
+            .list_sagas(ListSagasRequest {
+                page_size: 1000,
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .sagas;
+        let open: Vec<(String, Option<SagaStatus>)> = ids
+            .iter()
+            .filter_map(|id| match listed.iter().find(|saga| &saga.saga_id == id) {
+                Some(saga) if is_terminal(saga.status) => None,
+                Some(saga) => Some((id.clone(), SagaStatus::try_from(saga.status).ok())),
+                None => Some((id.clone(), None)),
+            })
+            .collect();
+        if open.is_empty() {
+            break;
+        }
+        if Instant::now() > until {
+            bail!(
+                "{} of {} sagas not terminal (stuck?) after {deadline:?}: {:?}",
+                open.len(),
+                ids.len(),
+                &open[..open.len().min(10)]
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut sagas = BTreeMap::new();
+    for id in ids {
+        sagas.insert(id.clone(), get_saga(client, id).await?);
+    }
+    Ok(sagas)
 }

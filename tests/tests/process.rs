@@ -8,15 +8,15 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use sagad_e2e::participant::Script;
 use sagad_e2e::*;
-use sagad_proto::v1::{GetSagaRequest, ListSagasRequest, Saga, SagaStatus, StepStatus};
+use sagad_proto::v1::{ListSagasRequest, Saga, SagaStatus, StepStatus};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -44,36 +44,6 @@ fn all_calls(participants: &[&FakeParticipant]) -> Vec<CallRecord> {
     calls
 }
 
-/// A folder this test made (definitions, logs), removed when the test is done with it; kept
-/// after a failed assertion, for the logs.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn defs(files: &[(&str, &str)]) -> anyhow::Result<Self> {
-        Ok(Self(defs_dir(files)?))
-    }
-
-    fn logs(label: &str) -> anyhow::Result<Self> {
-        Ok(Self(scratch_dir(label)?))
-    }
-}
-
-impl std::ops::Deref for Scratch {
-    type Target = Path;
-
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
 /// Runs `body` on a fresh database and drops the database afterwards, whatever happened (the
 /// body runs in a task of its own so that a failed assertion does not skip the drop).
 async fn with_database<F, Fut>(label: &str, body: F) -> anyhow::Result<()>
@@ -90,62 +60,6 @@ where
         Err(error) => return Err(error.into()),
     }
     dropped
-}
-
-/// GetSaga without waiting.
-async fn get_saga(client: &mut Client, saga_id: &str) -> anyhow::Result<Saga> {
-    Ok(client
-        .get_saga(GetSagaRequest {
-            saga_id: saga_id.to_owned(),
-            min_version: 0,
-            wait_ms: 0,
-        })
-        .await?
-        .into_inner())
-}
-
-/// Polls `ListSagas` until every saga in `ids` has ended, then returns each as `GetSaga` has it.
-async fn wait_all_terminal(
-    client: &mut Client,
-    ids: &BTreeSet<String>,
-    deadline: Duration,
-) -> anyhow::Result<BTreeMap<String, Saga>> {
-    let until = Instant::now() + deadline;
-    loop {
-        let listed = client
-            .list_sagas(ListSagasRequest {
-                page_size: 1000,
-                ..Default::default()
-            })
-            .await?
-            .into_inner()
-            .sagas;
-        let open: Vec<(String, Option<SagaStatus>)> = ids
-            .iter()
-            .filter_map(|id| match listed.iter().find(|saga| &saga.saga_id == id) {
-                Some(saga) if is_terminal(saga.status) => None,
-                Some(saga) => Some((id.clone(), SagaStatus::try_from(saga.status).ok())),
-                None => Some((id.clone(), None)),
-            })
-            .collect();
-        if open.is_empty() {
-            break;
-        }
-        if Instant::now() > until {
-            bail!(
-                "{} of {} sagas not terminal (stuck?) after {deadline:?}: {:?}",
-                open.len(),
-                ids.len(),
-                &open[..open.len().min(10)]
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let mut sagas = BTreeMap::new();
-    for id in ids {
-        sagas.insert(id.clone(), get_saga(client, id).await?);
-    }
-    Ok(sagas)
 }
 
 /// Removes terminal colour codes (`ESC [ … letter`) from a log.
