@@ -7,7 +7,7 @@ use std::future::Future;
 use anyhow::Context;
 use sagad_proto::v1::saga_orchestrator_server::SagaOrchestratorServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 use crate::api::Api;
 use crate::config::Config;
@@ -49,12 +49,15 @@ pub async fn serve(
     tracing::info!(listen = %listener.local_addr()?, resumed, "sagad is serving");
 
     let shutdown_health = health.clone();
+    // Small replies go out at once: without nodelay, Nagle's algorithm holds them back for
+    // the peer's delayed ACK (tens of milliseconds per call).
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(SagaOrchestratorServer::new(Api::new(engine.clone())))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(incoming, async move {
             shutdown.await;
             tracing::info!("shutting down: no new sagas; finishing calls in flight");
             shutdown_health

@@ -79,8 +79,8 @@ fn mix(customers: usize) -> Vec<Planned> {
 /// retries under the same keys give the same outcomes, not the size of the budget.
 fn patient_defs() -> anyhow::Result<Scratch> {
     let path = repo_root().join("saga-defs/order_fulfillment.toml");
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let patient = text.replace("max_attempts = 6,", "max_attempts = 40,");
     ensure!(
         patient != text,
@@ -278,9 +278,9 @@ async fn ledger_problems(
             let well_formed = match parts.as_slice() {
                 [saga_id, step, action] => {
                     let own_step = sagas.get(*saga_id).is_some_and(|saga| {
-                        saga.steps.iter().any(|s| {
-                            s.name == *step && s.participant == service.participant()
-                        })
+                        saga.steps
+                            .iter()
+                            .any(|s| s.name == *step && s.participant == service.participant())
                     });
                     let kind_fits = match *action {
                         "execute" => entry.kind == "execute" || entry.kind == "tombstone",

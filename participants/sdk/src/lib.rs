@@ -81,8 +81,8 @@ use sqlx::migrate::{MigrateDatabase, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::Routes;
+use tonic::transport::server::TcpIncoming;
 use tracing_subscriber::EnvFilter;
 
 pub use handler::{StepCommandView, StepError, StepHandler};
@@ -328,11 +328,14 @@ pub async fn serve<H: StepHandler>(
         ParticipantServer::new(ParticipantService::new(pool.clone(), parts.handler, faults));
     tracing::info!(listen = %listener.local_addr()?, "participant is serving");
     let shutdown_health = health.clone();
+    // Replies go out at once: without nodelay, Nagle's algorithm holds them back for the
+    // peer's delayed ACK (tens of milliseconds per call).
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
         .add_routes(parts.routes)
         .add_service(health_service)
         .add_service(participant)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(incoming, async move {
             shutdown.await;
             tracing::info!("shutting down: finishing calls in flight");
             shutdown_health
