@@ -235,6 +235,7 @@ fn call_span(rpc: &'static str, request: &Request<StepCommand>) -> tracing::Span
         correlation_id = %metadata("x-correlation-id"),
         step = %command.step,
         action = %command.action,
+        idempotency_key = %command.idempotency_key,
         attempt = command.attempt,
     )
 }
