@@ -199,6 +199,17 @@ impl SagadProcess {
         Ok(SagaOrchestratorClient::connect(format!("http://{}", self.addr)).await?)
     }
 
+    /// The process id, for signals the tests send themselves (SIGSTOP, SIGCONT).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// The exit status if the process has ended: a test that needs the same sagad throughout
+    /// checks it never exited.
+    pub fn exited(&mut self) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        Ok(self.child.try_wait()?)
+    }
+
     /// SIGKILL: the process gets no chance to clean up.
     pub async fn kill(&mut self) -> anyhow::Result<()> {
         self.child.start_kill()?;
