@@ -50,9 +50,31 @@ pub struct Config {
     /// How long a graceful shutdown lets calls in flight finish.
     #[arg(long, env = "SAGAD_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+
+    /// How long a replica's lease on its sagas lasts without renewal (renewed every third of
+    /// it): the sagas of a replica that died wait this long before another one takes them over.
+    #[arg(long, env = "SAGAD_LEASE_TTL", default_value = "5s", value_parser = parse_lease_ttl)]
+    pub lease_ttl: Duration,
+
+    /// The longest pause between two sweeps for sagas nobody drives; a takeover happens within
+    /// the lease TTL plus this.
+    #[arg(long, env = "SAGAD_POLL_INTERVAL", default_value = "1s", value_parser = parse_poll_interval)]
+    pub poll_interval: Duration,
 }
 
 impl Config {
+    /// Checks what one flag alone cannot: the error names the flag.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.poll_interval > self.lease_ttl {
+            return Err(format!(
+                "--poll-interval ({}) must not be longer than --lease-ttl ({})",
+                humantime::format_duration(self.poll_interval),
+                humantime::format_duration(self.lease_ttl)
+            ));
+        }
+        Ok(())
+    }
+
     /// Participant addresses by name; a name given twice is an error naming the flag.
     pub fn participant_addresses(&self) -> Result<BTreeMap<String, String>, String> {
         let mut addresses = BTreeMap::new();
@@ -80,4 +102,24 @@ fn parse_participant(value: &str) -> Result<(String, String), String> {
         ));
     }
     Ok((name.to_owned(), uri.to_owned()))
+}
+
+fn parse_lease_ttl(value: &str) -> Result<Duration, String> {
+    parse_duration_within(value, Duration::from_millis(500), Duration::from_secs(3600))
+}
+
+fn parse_poll_interval(value: &str) -> Result<Duration, String> {
+    parse_duration_within(value, Duration::from_millis(10), Duration::from_secs(3600))
+}
+
+fn parse_duration_within(value: &str, min: Duration, max: Duration) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(value).map_err(|error| error.to_string())?;
+    if duration < min || duration > max {
+        return Err(format!(
+            "must be from {} to {}, got {value:?}",
+            humantime::format_duration(min),
+            humantime::format_duration(max)
+        ));
+    }
+    Ok(duration)
 }

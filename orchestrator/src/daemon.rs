@@ -12,11 +12,12 @@ use tonic::transport::server::TcpIncoming;
 use crate::api::Api;
 use crate::config::Config;
 use crate::definition::DefinitionSet;
-use crate::engine::{Engine, Participants};
+use crate::engine::{Engine, LeaseTiming, Participants};
 use crate::store::{Store, Writer};
 
 /// Checks what can be checked without the network: definitions and participant addresses.
 pub fn check(config: &Config) -> anyhow::Result<(DefinitionSet, Participants)> {
+    config.validate().map_err(anyhow::Error::msg)?;
     let definitions = DefinitionSet::load_dir(&config.defs)?;
     let addresses = config.participant_addresses().map_err(anyhow::Error::msg)?;
     definitions.check_participants(&addresses.keys().cloned().collect())?;
@@ -36,8 +37,12 @@ pub async fn serve(
         .await
         .context("--database-url")?;
     let (writer, writer_task) = Writer::spawn(store.clone());
-    let engine = Engine::new(store.clone(), writer, definitions, participants);
-    let resumed = engine.recover().await?;
+    let timing = LeaseTiming {
+        ttl: config.lease_ttl,
+        poll_interval: config.poll_interval,
+    };
+    let (engine, resumed) =
+        Engine::start(store.clone(), writer, definitions, participants, timing).await?;
     health.set_serving::<SagaOrchestratorServer<Api>>().await;
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()

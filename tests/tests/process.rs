@@ -30,6 +30,11 @@ fn sagad_args(db: &TestDatabase, defs: &Path, participants: &[&FakeParticipant])
         db.url.clone(),
         "--defs".to_owned(),
         defs.display().to_string(),
+        // A killed process's sagas are taken over once its lease expires: keep the wait short.
+        "--lease-ttl".to_owned(),
+        "2s".to_owned(),
+        "--poll-interval".to_owned(),
+        "200ms".to_owned(),
     ];
     for participant in participants {
         args.extend(["--participant".to_owned(), participant.flag()]);
@@ -80,20 +85,36 @@ fn strip_ansi(text: &str) -> String {
     out
 }
 
-/// The `resumed=N` that sagad logs once it serves, if it logged one.
-fn resumed_count(log: &Path) -> anyhow::Result<Option<usize>> {
+/// How many sagas the sagad writing this log has taken over so far (it logs `claimed=N` each
+/// time it takes some over: at start, and later once a dead process's lease has expired).
+fn taken_over_count(log: &Path) -> anyhow::Result<usize> {
     let text = strip_ansi(&std::fs::read_to_string(log)?);
     Ok(text
         .lines()
-        .rev()
-        .filter_map(|line| line.split_once("resumed=").map(|(_, rest)| rest))
+        .filter_map(|line| line.split_once("claimed=").map(|(_, rest)| rest))
         .filter_map(|rest| {
             rest.split(|c: char| !c.is_ascii_digit())
                 .next()?
-                .parse()
+                .parse::<usize>()
                 .ok()
         })
-        .next())
+        .sum())
+}
+
+/// Waits until the sagad writing this log has taken over at least `count` sagas.
+async fn wait_taken_over(log: &Path, count: usize) -> anyhow::Result<usize> {
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let taken = taken_over_count(log)?;
+        if taken >= count {
+            return Ok(taken);
+        }
+        ensure!(
+            Instant::now() < until,
+            "the restarted sagad took over {taken} sagas, want at least {count}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// A small definition: `steps` are (name, participant); `first_step_extra` is added to the
@@ -359,12 +380,8 @@ async fn crash_scenario(db: TestDatabase) -> anyhow::Result<()> {
     // Every call received from here on comes from the new process.
     let restarted = Instant::now();
     let mut sagad = SagadProcess::start(&args, &logs).await?;
-    let resumed = resumed_count(&sagad.log)?;
-    ensure!(
-        resumed.is_some_and(|count| count >= lost_sagas.len()),
-        "the restarted sagad should log resumed >= {} (the sagas with a call cut off), got {resumed:?}",
-        lost_sagas.len()
-    );
+    // The killed process's lease must run out first.
+    let resumed = wait_taken_over(&sagad.log, lost_sagas.len()).await?;
     let until = Instant::now() + Duration::from_secs(30);
     loop {
         let now = Instant::now();
@@ -746,7 +763,7 @@ async fn sigkill_during_a_backoff_keeps_the_key_and_the_timer() -> anyhow::Resul
         let mut client = sagad.client().await?;
         let saga = wait_terminal(&mut client, &id, Duration::from_secs(30)).await?;
         assert_eq!(SagaStatus::try_from(saga.status), Ok(SagaStatus::Completed));
-        assert_eq!(resumed_count(&sagad.log)?, Some(1), "the restarted sagad resumes the one saga");
+        assert_eq!(taken_over_count(&sagad.log)?, 1, "the restarted sagad takes over the one saga");
 
         let reserve: Vec<CallRecord> = participant
             .calls_for(&id)

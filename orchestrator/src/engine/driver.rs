@@ -1,6 +1,7 @@
 //! Drives one saga: ask the core, make the one call, append the outcome, repeat. Nothing that
 //! matters is held only here: the outcome of every call is in the log before the next decision,
-//! and a retry's time is in the log before the wait.
+//! and a retry's time is in the log before the wait. A driver acts only under a live tenure:
+//! once its lease is lost or its write is fenced, it lets the saga go.
 
 use std::time::Duration;
 
@@ -8,18 +9,21 @@ use chrono::Utc;
 use sagad_proto::participant::v1::StepCommand;
 use tokio::sync::Notify;
 
+use super::lease::Tenure;
 use super::participants::Call;
 use super::{Engine, projection};
 use crate::saga::{Command, CommandKind, Decision, Event, Outcome, Saga};
-use crate::store::{SagaWrite, WriteOutcome};
+use crate::store::{Fence, SagaWrite, WriteOutcome};
+use uuid::Uuid;
 
 /// How long a driver waits before trying again when the database fails it.
 const STORE_RETRY_DELAY: Duration = Duration::from_secs(1);
 
-pub(super) async fn drive(engine: &Engine, mut saga: Saga, bell: &Notify) {
+pub(super) async fn drive(engine: &Engine, mut saga: Saga, bell: &Notify, tenure: &Tenure) {
     let shutdown = &engine.inner.shutdown;
+    let lost = &tenure.lost;
     loop {
-        if shutdown.is_cancelled() {
+        if shutdown.is_cancelled() || lost.is_cancelled() {
             return;
         }
         let now = Utc::now();
@@ -32,14 +36,19 @@ pub(super) async fn drive(engine: &Engine, mut saga: Saga, bell: &Notify) {
                     () = tokio::time::sleep(wait) => continue,
                     () = bell.notified() => {}
                     () = shutdown.cancelled() => return,
+                    () = lost.cancelled() => return,
                 }
-                match reload(engine, &saga).await {
+                match load_retrying(engine, saga.id).await {
                     Some(fresh) => saga = fresh,
                     None => return,
                 }
                 continue;
             }
             Decision::Call(command) => {
+                if !engine.inner.lease.holds(tenure) {
+                    tracing::info!(saga_id = %saga.id, "lease no longer trusted; letting the saga go");
+                    return;
+                }
                 let call = prepare_call(&saga, command);
                 let participant = call.participant.clone();
                 let started = std::time::Instant::now();
@@ -47,8 +56,9 @@ pub(super) async fn drive(engine: &Engine, mut saga: Saga, bell: &Notify) {
                 // timeout); a cancellation interrupts it, and the step is compensated.
                 let outcome = tokio::select! {
                     outcome = engine.inner.participants.call(call) => outcome,
+                    () = lost.cancelled() => return,
                     () = bell.notified() => {
-                        match reload(engine, &saga).await {
+                        match load_retrying(engine, saga.id).await {
                             Some(fresh) => saga = fresh,
                             None => return,
                         }
@@ -59,7 +69,7 @@ pub(super) async fn drive(engine: &Engine, mut saga: Saga, bell: &Notify) {
                 saga.record_outcome(command, outcome, Utc::now(), fastrand::f64())
             }
         };
-        match commit(engine, &saga, events).await {
+        match commit(engine, &saga, events, tenure.replica_id).await {
             Some(next) => saga = next,
             None => return,
         }
@@ -116,8 +126,14 @@ fn record_call_metrics(participant: &str, kind: CommandKind, outcome: &Outcome, 
 }
 
 /// Appends `events` and returns the saga after them; after a conflict or a database failure,
-/// the saga as the log has it. `None`: stop driving (shutdown, or a log that cannot be read).
-async fn commit(engine: &Engine, saga: &Saga, events: Vec<Event>) -> Option<Saga> {
+/// the saga as the log has it. `None`: stop driving (fenced off, shutdown, or a log that cannot
+/// be read).
+async fn commit(
+    engine: &Engine,
+    saga: &Saga,
+    events: Vec<Event>,
+    replica_id: Uuid,
+) -> Option<Saga> {
     let mut next = saga.clone();
     for event in &events {
         if let Err(error) = next.apply(event) {
@@ -128,6 +144,8 @@ async fn commit(engine: &Engine, saga: &Saga, events: Vec<Event>) -> Option<Saga
     let write = SagaWrite {
         saga_id: saga.id,
         expected_version: saga.version,
+        replica_id,
+        fence: Fence::Owner,
         events,
         projection: projection(&next),
     };
@@ -143,32 +161,37 @@ async fn commit(engine: &Engine, saga: &Saga, events: Vec<Event>) -> Option<Saga
             }
             Some(next)
         }
-        Ok(WriteOutcome::Conflict) => reload(engine, saga).await,
+        Ok(WriteOutcome::Conflict) => load_retrying(engine, saga.id).await,
+        Ok(WriteOutcome::Fenced) => {
+            tracing::info!(saga_id = %saga.id, %replica_id, "fenced off: another replica has the saga");
+            metrics::counter!("sagad_writes_fenced_total").increment(1);
+            None
+        }
         Err(error) => {
             tracing::warn!(saga_id = %saga.id, %error, "cannot record the outcome; will retry");
             tokio::select! {
                 () = tokio::time::sleep(STORE_RETRY_DELAY) => {}
                 () = engine.inner.shutdown.cancelled() => return None,
             }
-            reload(engine, saga).await
+            load_retrying(engine, saga.id).await
         }
     }
 }
 
 /// The saga as its log has it now, retrying while the database fails.
-async fn reload(engine: &Engine, saga: &Saga) -> Option<Saga> {
+pub(super) async fn load_retrying(engine: &Engine, saga_id: Uuid) -> Option<Saga> {
     loop {
-        match engine.load(saga.id).await {
+        match engine.load(saga_id).await {
             Ok(fresh) => return Some(fresh),
             Err(super::EngineError::Store(error)) => {
-                tracing::warn!(saga_id = %saga.id, %error, "cannot read the saga log; will retry");
+                tracing::warn!(%saga_id, %error, "cannot read the saga log; will retry");
                 tokio::select! {
                     () = tokio::time::sleep(STORE_RETRY_DELAY) => {}
                     () = engine.inner.shutdown.cancelled() => return None,
                 }
             }
             Err(error) => {
-                tracing::error!(saga_id = %saga.id, %error, "cannot resume saga");
+                tracing::error!(%saga_id, %error, "cannot resume saga");
                 return None;
             }
         }

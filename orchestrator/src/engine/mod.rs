@@ -1,12 +1,16 @@
 //! The engine is a thin shell around the saga core: it records new sagas, drives each one (ask
-//! the core what to do, make the one participant call, append the outcome, repeat), resumes
-//! unfinished sagas at start, and answers queries through the store. A saga accepted here is
-//! driven at once in memory; only retries wait on a timer, and that timer is in the database.
+//! the core what to do, make the one participant call, append the outcome, repeat), takes over
+//! the sagas no live replica drives, and answers queries through the store. A saga accepted
+//! here is driven here at once, in memory, while this replica's lease lives; only retries wait
+//! on a timer, and that timer is in the database.
 
 mod driver;
+mod lease;
 mod participants;
+mod takeover;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,10 +24,12 @@ use uuid::Uuid;
 use crate::definition::DefinitionSet;
 use crate::saga::{CannotCancel, Event, Saga};
 use crate::store::{
-    EventRecord, ListFilter, Projection, SagaRecord, SagaWrite, Store, StoreError, WriteOutcome,
-    Writer,
+    EventRecord, Fence, ListFilter, Projection, SagaRecord, SagaWrite, Store, StoreError,
+    WriteOutcome, Writer,
 };
 
+pub use lease::LeaseTiming;
+use lease::{Lease, Tenure};
 pub use participants::{BadParticipantAddress, Participants};
 
 /// The largest saga input accepted, in bytes of JSON.
@@ -84,43 +90,56 @@ struct Inner {
     writer: Writer,
     definitions: DefinitionSet,
     participants: Participants,
-    /// The sagas driven by this instance, each with the bell that interrupts its wait or call.
-    drivers: Mutex<HashMap<Uuid, Arc<Notify>>>,
+    lease: Lease,
+    /// The sagas driven by this instance.
+    drivers: Mutex<HashMap<Uuid, Driven>>,
+    /// Rung to make the sweep for orphaned sagas run now.
+    sweep_now: Notify,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    /// The lease, sweep and notification loops; they end with `shutdown`.
+    background: TaskTracker,
+}
+
+/// A saga's driver: the bell that interrupts its wait or call, and the replica id it drives
+/// under.
+struct Driven {
+    bell: Arc<Notify>,
+    replica_id: Uuid,
 }
 
 impl Engine {
-    pub fn new(
+    /// Registers this process as a replica, takes over the sagas no live replica drives (their
+    /// in-flight calls are re-sent with the same keys), and starts the loops that keep the
+    /// lease, take over sagas later, and hear about requests made on other replicas. Returns
+    /// the engine and how many sagas it took over at start.
+    pub async fn start(
         store: Store,
         writer: Writer,
         definitions: DefinitionSet,
         participants: Participants,
-    ) -> Engine {
-        Engine {
+        timing: LeaseTiming,
+    ) -> Result<(Engine, usize), EngineError> {
+        let since = tokio::time::Instant::now();
+        let replica_id = store.register_replica(timing.ttl).await?;
+        tracing::info!(%replica_id, ttl = ?timing.ttl, "registered as a replica");
+        let engine = Engine {
             inner: Arc::new(Inner {
                 store,
                 writer,
                 definitions,
                 participants,
+                lease: Lease::new(timing, replica_id, since),
                 drivers: Mutex::new(HashMap::new()),
+                sweep_now: Notify::new(),
                 shutdown: CancellationToken::new(),
                 tasks: TaskTracker::new(),
+                background: TaskTracker::new(),
             }),
-        }
-    }
-
-    /// Resumes every saga that has not ended; in-flight calls are re-sent with their same key.
-    pub async fn recover(&self) -> Result<usize, EngineError> {
-        let ids = self.inner.store.unfinished_sagas().await?;
-        let count = ids.len();
-        for saga_id in ids {
-            match self.load(saga_id).await {
-                Ok(saga) => self.drive(saga),
-                Err(error) => tracing::error!(%saga_id, %error, "cannot resume saga"),
-            }
-        }
-        Ok(count)
+        };
+        let resumed = engine.take_over_orphans().await?;
+        takeover::spawn_background(&engine);
+        Ok((engine, resumed))
     }
 
     /// Records a new saga durably and starts driving it; answers only after the commit.
@@ -159,9 +178,12 @@ impl Engine {
             saga_id,
             message: error.to_string(),
         })?;
+        let tenure = self.inner.lease.tenure();
         let write = SagaWrite {
             saga_id,
             expected_version: 0,
+            replica_id: tenure.replica_id,
+            fence: Fence::Owner,
             events: vec![started],
             projection: projection(&saga),
         };
@@ -176,14 +198,14 @@ impl Engine {
                     created_at: now,
                     updated_at: now,
                 };
-                self.drive(saga);
+                self.drive(saga, tenure);
                 Ok(Started {
                     created: true,
                     record,
                 })
             }
             // Another start with this key won the race.
-            WriteOutcome::Conflict => {
+            WriteOutcome::Conflict | WriteOutcome::Fenced => {
                 let existing = self
                     .inner
                     .store
@@ -274,19 +296,22 @@ impl Engine {
                     message: error.to_string(),
                 })?;
             }
+            // Any replica may record a cancel; the owner is told to read the log again.
             let write = SagaWrite {
                 saga_id,
                 expected_version: saga.version,
+                replica_id: self.inner.lease.tenure().replica_id,
+                fence: Fence::Request,
                 events,
                 projection: projection(&next),
             };
             match self.inner.writer.write(write).await? {
                 WriteOutcome::Written => {
-                    self.wake_or_drive(next);
+                    self.ring(saga_id);
                     break;
                 }
                 // The driver recorded an outcome first: read again and decide again.
-                WriteOutcome::Conflict => tokio::task::yield_now().await,
+                WriteOutcome::Conflict | WriteOutcome::Fenced => tokio::task::yield_now().await,
             }
         }
         let record = self
@@ -302,17 +327,26 @@ impl Engine {
     }
 
     /// Stops driving: no new calls start; calls in flight finish and are recorded, for up to
-    /// `drain`. What is left is resumed from the log by the next start.
+    /// `drain`. Then the replica lets its sagas go, so another replica (or the next start) takes
+    /// them over at once instead of after the lease.
     pub async fn shutdown(&self, drain: Duration) {
         self.inner.shutdown.cancel();
         self.inner.tasks.close();
+        self.inner.background.close();
         if tokio::time::timeout(drain, self.inner.tasks.wait())
             .await
             .is_err()
         {
-            tracing::warn!(
-                "some sagas were still in flight at shutdown; they resume at next start"
-            );
+            tracing::warn!("some sagas were still in flight at shutdown; they are let go");
+        }
+        self.inner.background.wait().await;
+        let replica_id = self.inner.lease.lose();
+        match self.inner.store.retire_replica(replica_id).await {
+            Ok(released) => tracing::info!(%replica_id, released, "let go of the unfinished sagas"),
+            Err(error) => tracing::warn!(
+                %replica_id, %error,
+                "cannot let go of the sagas; they are taken over once the lease expires"
+            ),
         }
     }
 
@@ -336,22 +370,75 @@ impl Engine {
         })
     }
 
-    /// Interrupts the saga's driver so it reads the log again, or starts one.
-    fn wake_or_drive(&self, saga: Saga) {
+    /// Claims what no live replica drives and drives it. Returns how many sagas it claimed.
+    async fn take_over_orphans(&self) -> Result<usize, EngineError> {
+        /// Claimed per sweep, so replicas sweeping at once share the work.
+        const CLAIM_BATCH: u32 = 64;
+        let tenure = self.inner.lease.tenure();
+        if !self.inner.lease.holds(&tenure) {
+            return Ok(0);
+        }
+        let horizon = self.inner.lease.timing().poll_interval;
+        let claimed = self
+            .inner
+            .store
+            .claim_orphans(tenure.replica_id, CLAIM_BATCH, horizon)
+            .await?;
+        if !claimed.is_empty() {
+            tracing::info!(claimed = claimed.len(), "took over sagas");
+            metrics::counter!("sagad_sagas_taken_over_total").increment(claimed.len() as u64);
+        }
+        for saga_id in &claimed {
+            self.drive_claimed(*saga_id, tenure.clone());
+        }
+        Ok(claimed.len())
+    }
+
+    /// Interrupts the saga's driver, if this replica drives it, so it reads the log again.
+    fn ring(&self, saga_id: Uuid) {
         let bell = self
             .inner
             .drivers
             .lock()
             .ok()
-            .and_then(|drivers| drivers.get(&saga.id).cloned());
-        match bell {
-            Some(bell) => bell.notify_one(),
-            None => self.drive(saga),
+            .and_then(|drivers| drivers.get(&saga_id).map(|driven| driven.bell.clone()));
+        if let Some(bell) = bell {
+            bell.notify_one();
         }
     }
 
-    /// Starts driving a saga unless this instance already does.
-    fn drive(&self, saga: Saga) {
+    /// Interrupts every driver: announcements may have been missed.
+    fn ring_all(&self) {
+        let bells: Vec<Arc<Notify>> = match self.inner.drivers.lock() {
+            Ok(drivers) => drivers.values().map(|driven| driven.bell.clone()).collect(),
+            Err(_) => return,
+        };
+        for bell in bells {
+            bell.notify_one();
+        }
+    }
+
+    /// Starts driving a saga under `tenure` unless it is already driven under it. A driver of
+    /// a lost tenure is replaced.
+    fn drive(&self, saga: Saga, tenure: Tenure) {
+        let saga_id = saga.id;
+        self.spawn_driver(saga_id, tenure, async move { Some(saga) });
+    }
+
+    /// Drives a saga just claimed, reading its log first.
+    fn drive_claimed(&self, saga_id: Uuid, tenure: Tenure) {
+        let engine = self.clone();
+        self.spawn_driver(saga_id, tenure, async move {
+            driver::load_retrying(&engine, saga_id).await
+        });
+    }
+
+    fn spawn_driver(
+        &self,
+        saga_id: Uuid,
+        tenure: Tenure,
+        saga: impl Future<Output = Option<Saga>> + Send + 'static,
+    ) {
         if self.inner.shutdown.is_cancelled() {
             return;
         }
@@ -360,17 +447,31 @@ impl Engine {
             let Ok(mut drivers) = self.inner.drivers.lock() else {
                 return;
             };
-            if drivers.contains_key(&saga.id) {
+            if drivers
+                .get(&saga_id)
+                .is_some_and(|driven| driven.replica_id == tenure.replica_id)
+            {
                 return;
             }
-            drivers.insert(saga.id, bell.clone());
+            drivers.insert(
+                saga_id,
+                Driven {
+                    bell: bell.clone(),
+                    replica_id: tenure.replica_id,
+                },
+            );
         }
         let engine = self.clone();
         metrics::gauge!("sagad_sagas_driven").increment(1.0);
         self.inner.tasks.spawn(async move {
-            let saga_id = saga.id;
-            driver::drive(&engine, saga, &bell).await;
-            if let Ok(mut drivers) = engine.inner.drivers.lock() {
+            if let Some(saga) = saga.await {
+                driver::drive(&engine, saga, &bell, &tenure).await;
+            }
+            if let Ok(mut drivers) = engine.inner.drivers.lock()
+                && drivers
+                    .get(&saga_id)
+                    .is_some_and(|driven| Arc::ptr_eq(&driven.bell, &bell))
+            {
                 drivers.remove(&saga_id);
             }
             metrics::gauge!("sagad_sagas_driven").decrement(1.0);

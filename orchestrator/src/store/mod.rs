@@ -10,7 +10,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::migrate::MigrateDatabase;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::{PgPool, Postgres};
 use uuid::Uuid;
 
@@ -67,10 +67,23 @@ pub struct Projection {
 pub struct SagaWrite {
     pub saga_id: Uuid,
     /// The version the writer read; 0 starts a new saga. A different version in the database
-    /// means another writer moved the saga first: this write is refused (fencing).
+    /// means another writer moved the saga first: this write is refused.
     pub expected_version: u64,
+    /// The replica appending: recorded on each event, and the owner of a saga it starts.
+    pub replica_id: Uuid,
+    pub fence: Fence,
     pub events: Vec<Event>,
     pub projection: Projection,
+}
+
+/// Who may append to a saga that exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fence {
+    /// The saga's driver: only while `replica_id` owns the saga and its lease is alive, so a
+    /// replica that lost its lease can never append.
+    Owner,
+    /// A client's request (a cancel), by any replica: the owner is told to read the log again.
+    Request,
 }
 
 /// What became of one write in a batch.
@@ -79,7 +92,13 @@ pub enum WriteOutcome {
     Written,
     /// The saga's version moved (or, for a start, its idempotency key is taken): nothing was written.
     Conflict,
+    /// The writer no longer owns the saga, or its lease expired: nothing was written, and the
+    /// writer must let the saga go.
+    Fenced,
 }
+
+/// The channel on which a replica hears that a saga it may drive was changed by a request.
+const CHANGED_CHANNEL: &str = "sagad_saga_changed";
 
 /// A saga as the read model has it.
 #[derive(Debug, Clone, PartialEq)]
@@ -201,12 +220,14 @@ impl Store {
                 .iter()
                 .map(|w| w.projection.idempotency_key.clone())
                 .collect();
+            let owners: Vec<Uuid> = starts.iter().map(|w| w.replica_id).collect();
             let inserted = sqlx::query_scalar!(
                 r#"
                 insert into sagas (saga_id, saga_type, definition_version, status, input, context, steps,
-                                   failure_reason, version, correlation_id, idempotency_key, wake_at)
+                                   failure_reason, version, correlation_id, idempotency_key, wake_at, owner)
                 select * from unnest($1::uuid[], $2::text[], $3::int4[], $4::text[], $5::jsonb[], $6::jsonb[],
-                                     $7::jsonb[], $8::text[], $9::int8[], $10::text[], $11::text[], $12::timestamptz[])
+                                     $7::jsonb[], $8::text[], $9::int8[], $10::text[], $11::text[], $12::timestamptz[],
+                                     $13::uuid[])
                 on conflict do nothing
                 returning saga_id
                 "#,
@@ -222,6 +243,7 @@ impl Store {
                 &correlation_ids,
                 &idempotency_keys as &[Option<String>],
                 &columns.wake_ats as &[Option<DateTime<Utc>>],
+                &owners,
             )
             .fetch_all(&mut *tx)
             .await?;
@@ -232,10 +254,13 @@ impl Store {
             writes.iter().filter(|w| w.expected_version > 0).collect();
         // One lock order for every batch, so concurrent batches cannot deadlock.
         updates.sort_by_key(|w| w.saga_id);
+        let mut fenced: Vec<Uuid> = Vec::new();
         if !updates.is_empty() {
             let columns = ProjectionColumns::of(&updates);
             let ids: Vec<Uuid> = updates.iter().map(|w| w.saga_id).collect();
             let expected: Vec<i64> = updates.iter().map(|w| to_i64(w.expected_version)).collect();
+            let writers: Vec<Uuid> = updates.iter().map(|w| w.replica_id).collect();
+            let owner_only: Vec<bool> = updates.iter().map(|w| w.fence == Fence::Owner).collect();
             let updated = sqlx::query_scalar!(
                 r#"
                 update sagas as s
@@ -243,9 +268,14 @@ impl Store {
                     failure_reason = u.failure_reason, version = u.version, wake_at = u.wake_at,
                     updated_at = now()
                 from unnest($1::uuid[], $2::int8[], $3::text[], $4::jsonb[], $5::jsonb[], $6::text[],
-                            $7::int8[], $8::timestamptz[])
-                    as u(saga_id, expected_version, status, context, steps, failure_reason, version, wake_at)
+                            $7::int8[], $8::timestamptz[], $9::uuid[], $10::bool[])
+                    as u(saga_id, expected_version, status, context, steps, failure_reason, version, wake_at,
+                         writer_id, owner_only)
                 where s.saga_id = u.saga_id and s.version = u.expected_version
+                  and (not u.owner_only
+                       or (s.owner = u.writer_id
+                           and exists (select 1 from replicas r
+                                       where r.replica_id = u.writer_id and r.lease_expires_at > now())))
                 returning s.saga_id
                 "#,
                 &ids,
@@ -256,13 +286,38 @@ impl Store {
                 &columns.failure_reasons as &[Option<String>],
                 &columns.versions,
                 &columns.wake_ats as &[Option<DateTime<Utc>>],
+                &writers,
+                &owner_only,
             )
             .fetch_all(&mut *tx)
             .await?;
             written.extend(updated);
+
+            // A driver's write that did not pass: a lost lease or owner, or only a moved version?
+            let (refused, refused_writers): (Vec<Uuid>, Vec<Uuid>) = updates
+                .iter()
+                .filter(|w| w.fence == Fence::Owner && !written.contains(&w.saga_id))
+                .map(|w| (w.saga_id, w.replica_id))
+                .unzip();
+            if !refused.is_empty() {
+                fenced = sqlx::query_scalar!(
+                    r#"
+                    select u.saga_id as "saga_id!" from unnest($1::uuid[], $2::uuid[]) as u(saga_id, writer_id)
+                    join sagas s on s.saga_id = u.saga_id
+                    where s.owner is distinct from u.writer_id
+                       or not exists (select 1 from replicas r
+                                      where r.replica_id = u.writer_id and r.lease_expires_at > now())
+                    "#,
+                    &refused,
+                    &refused_writers,
+                )
+                .fetch_all(&mut *tx)
+                .await?;
+            }
         }
 
         let mut event_ids = Vec::new();
+        let mut event_replicas = Vec::new();
         let mut seqs = Vec::new();
         let mut types = Vec::new();
         let mut steps = Vec::new();
@@ -270,6 +325,7 @@ impl Store {
         for write in writes.iter().filter(|w| written.contains(&w.saga_id)) {
             for (offset, event) in write.events.iter().enumerate() {
                 event_ids.push(write.saga_id);
+                event_replicas.push(write.replica_id);
                 seqs.push(to_i64(write.expected_version) + 1 + to_i64(offset as u64));
                 types.push(event.type_name().to_owned());
                 steps.push(event.step().map(str::to_owned));
@@ -282,16 +338,34 @@ impl Store {
         if !event_ids.is_empty() {
             sqlx::query!(
                 r#"
-                insert into saga_events (saga_id, seq, event_type, step, data)
-                select * from unnest($1::uuid[], $2::int8[], $3::text[], $4::text[], $5::jsonb[])
+                insert into saga_events (saga_id, seq, event_type, step, data, replica_id)
+                select * from unnest($1::uuid[], $2::int8[], $3::text[], $4::text[], $5::jsonb[], $6::uuid[])
                 "#,
                 &event_ids,
                 &seqs,
                 &types,
                 &steps as &[Option<String>],
                 &datas,
+                &event_replicas,
             )
             .execute(&mut *tx)
+            .await?;
+        }
+
+        let requested: Vec<Uuid> = writes
+            .iter()
+            .filter(|w| w.fence == Fence::Request && written.contains(&w.saga_id))
+            .map(|w| w.saga_id)
+            .collect();
+        if !requested.is_empty() {
+            // Delivered at commit, to every replica listening.
+            sqlx::query_scalar!(
+                r#"select count(*) as "notified!" from (
+                       select pg_notify($1, saga_id::text) from unnest($2::uuid[]) as saga_id) as n"#,
+                CHANGED_CHANNEL,
+                &requested,
+            )
+            .fetch_one(&mut *tx)
             .await?;
         }
         tx.commit().await?;
@@ -301,6 +375,8 @@ impl Store {
             .map(|w| {
                 if written.contains(&w.saga_id) {
                     WriteOutcome::Written
+                } else if fenced.contains(&w.saga_id) {
+                    WriteOutcome::Fenced
                 } else {
                     WriteOutcome::Conflict
                 }
@@ -411,17 +487,119 @@ impl Store {
         rows.into_iter().map(SagaRow::into_record).collect()
     }
 
-    /// Every saga that has not ended, soonest timer first: what a starting instance resumes.
-    pub async fn unfinished_sagas(&self) -> Result<Vec<Uuid>> {
+    /// Registers a new replica id with a lease of `ttl`.
+    pub async fn register_replica(&self, ttl: Duration) -> Result<Uuid> {
+        let replica_id = Uuid::now_v7();
+        sqlx::query!(
+            r#"insert into replicas (replica_id, lease_expires_at)
+               values ($1, now() + make_interval(secs => $2))"#,
+            replica_id,
+            ttl.as_secs_f64(),
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(replica_id)
+    }
+
+    /// Extends the replica's lease to `ttl` from now, unless it has expired: an expired id stays
+    /// dead, so whatever it still holds can be taken over. `false`: the lease was lost.
+    pub async fn renew_lease(&self, replica_id: Uuid, ttl: Duration) -> Result<bool> {
+        let renewed = sqlx::query!(
+            r#"update replicas set lease_expires_at = now() + make_interval(secs => $2)
+               where replica_id = $1 and lease_expires_at > now()"#,
+            replica_id,
+            ttl.as_secs_f64(),
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(renewed.rows_affected() == 1)
+    }
+
+    /// Ends a replica id at once: its sagas are let go (anyone may take them over at once) and
+    /// its late writes are fenced off. Returns how many sagas it let go.
+    pub async fn retire_replica(&self, replica_id: Uuid) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query!(
+            r#"update replicas set lease_expires_at = now() where replica_id = $1"#,
+            replica_id
+        )
+        .execute(&mut *tx)
+        .await?;
+        let released = sqlx::query!(
+            r#"update sagas set owner = null where owner = $1 and wake_at is not null"#,
+            replica_id
+        )
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(released.rows_affected())
+    }
+
+    /// Claims up to `limit` unfinished sagas that nobody alive drives and that are due within
+    /// `horizon`, soonest first, for `replica_id` (only while its own lease is alive). Rows
+    /// another replica is claiming right now are skipped, not waited for.
+    pub async fn claim_orphans(
+        &self,
+        replica_id: Uuid,
+        limit: u32,
+        horizon: Duration,
+    ) -> Result<Vec<Uuid>> {
         Ok(sqlx::query_scalar!(
-            r#"select saga_id from sagas where wake_at is not null order by wake_at"#
+            r#"
+            update sagas set owner = $1
+            where saga_id in (
+                select c.saga_id from sagas c
+                where c.wake_at is not null
+                  and c.wake_at <= now() + make_interval(secs => $3)
+                  and (c.owner is null
+                       or not exists (select 1 from replicas r
+                                      where r.replica_id = c.owner and r.lease_expires_at > now()))
+                order by c.wake_at
+                limit $2
+                for update skip locked)
+              and exists (select 1 from replicas me
+                          where me.replica_id = $1 and me.lease_expires_at > now())
+            returning saga_id
+            "#,
+            replica_id,
+            i64::from(limit),
+            horizon.as_secs_f64(),
         )
         .fetch_all(&self.pool)
         .await?)
     }
 
+    /// Listens for sagas changed by requests on any replica (see [`Fence::Request`]).
+    pub async fn listen_for_changes(&self) -> Result<ChangeListener> {
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen(CHANGED_CHANNEL).await?;
+        Ok(ChangeListener { listener })
+    }
+
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+/// Announcements of sagas changed by requests.
+pub struct ChangeListener {
+    listener: PgListener,
+}
+
+impl ChangeListener {
+    /// The next changed saga. `Ok(None)`: the connection was lost and has been re-established;
+    /// announcements made meanwhile are lost, so the caller should read its sagas again.
+    pub async fn next(&mut self) -> Result<Option<Uuid>> {
+        loop {
+            match self.listener.try_recv().await? {
+                None => return Ok(None),
+                Some(notification) => {
+                    if let Ok(saga_id) = notification.payload().parse() {
+                        return Ok(Some(saga_id));
+                    }
+                }
+            }
+        }
     }
 }
 
