@@ -542,3 +542,118 @@ async fn bench_reports_its_figures() -> anyhow::Result<()> {
 
     env.stop().await
 }
+
+#[tokio::test]
+async fn start_wait_prints_the_ended_saga() -> anyhow::Result<()> {
+    let env = Env::start("cli_wait").await?;
+
+    // JSON: the ended saga, the same object as `get`, with `created` added.
+    let input = order_input("alice");
+    let saga = env
+        .json(&["start", "order_fulfillment", "--input", &input, "--wait"])
+        .await?
+        .json()?;
+    assert_keys(
+        &saga,
+        &[
+            "saga_id",
+            "saga_type",
+            "status",
+            "version",
+            "steps",
+            "history",
+            "created",
+        ],
+    );
+    assert_eq!(saga["status"], json!("COMPLETED"), "{saga}");
+    assert_eq!(saga["created"], json!(true));
+    let history = saga["history"].as_array().cloned().unwrap_or_default();
+    assert_eq!(
+        history.last().map(|event| event["seq"].clone()),
+        Some(saga["version"].clone())
+    );
+    let id = text(&saga["saga_id"]);
+    let mut as_get = saga.clone();
+    if let Some(fields) = as_get.as_object_mut() {
+        fields.remove("created");
+    }
+    assert_eq!(as_get, env.json(&["get", &id]).await?.json()?);
+
+    // Table form, a refused payment: the status, the steps with their compensation, the
+    // refusal and the timeline.
+    let run = env
+        .run(&[
+            "start",
+            "order_fulfillment",
+            "--input",
+            &order_input("poor"),
+            "--wait",
+            "--timeout",
+            "30s",
+        ])
+        .await?
+        .ok()?;
+    for needle in [
+        "COMPENSATED",
+        "charge_payment",
+        "FAILED",
+        "INSUFFICIENT_FUNDS",
+        "compensation_succeeded",
+        "SEQ",
+    ] {
+        assert!(
+            run.stdout.contains(needle),
+            "no {needle:?} in {}",
+            run.stdout
+        );
+    }
+
+    // An idempotency key whose saga has already ended: answered at once, not created.
+    let keyed = ["start", "order_fulfillment", "--input", &input];
+    let first = env
+        .json(&[&keyed[..], &["--idempotency-key", "k-wait", "--wait"]].concat())
+        .await?
+        .json()?;
+    let again = env
+        .json(&[&keyed[..], &["--idempotency-key", "k-wait", "--wait"]].concat())
+        .await?
+        .json()?;
+    assert_eq!(again["saga_id"], first["saga_id"]);
+    assert_eq!(again["created"], json!(false));
+    assert_eq!(again["status"], json!("COMPLETED"));
+
+    // A saga that does not end in time: a clear error naming it; the saga goes on.
+    let run = env
+        .run(&[
+            "start",
+            "order_fulfillment",
+            "--input",
+            &order_input("slow"),
+            "--wait",
+            "--timeout",
+            "1s",
+        ])
+        .await?;
+    assert_fails_with(&run, "has not ended within 1s");
+    let sagas = env
+        .json(&["list", "--status", "running"])
+        .await?
+        .json_lines()?;
+    assert_eq!(sagas.len(), 1, "{sagas:?}");
+    assert!(run.stderr.contains(&text(&sagas[0]["saga_id"])), "{run:?}");
+
+    // --timeout means nothing without --wait.
+    let run = env
+        .run(&[
+            "start",
+            "order_fulfillment",
+            "--input",
+            &input,
+            "--timeout",
+            "5s",
+        ])
+        .await?;
+    assert_fails_with(&run, "--wait");
+
+    env.stop().await
+}

@@ -11,10 +11,7 @@ use futures::{StreamExt as _, TryStreamExt as _};
 use sagad_proto::v1 as pb;
 use serde_json::{Map, Value, json};
 
-use super::{BenchArgs, Client, rpc_error, to_struct};
-
-/// How long one `GetSaga` long-poll waits for the next version.
-const POLL_WAIT_MS: u32 = 10_000;
+use super::{BenchArgs, Client, is_terminal, rpc_error, to_struct, wait_for_end};
 
 /// The input used when `--input` is not given (the demo domain's order).
 fn default_input() -> Map<String, Value> {
@@ -28,13 +25,6 @@ fn default_input() -> Map<String, Value> {
         Value::Object(fields) => fields,
         _ => Map::new(),
     }
-}
-
-fn is_terminal(status: i32) -> bool {
-    matches!(
-        pb::SagaStatus::try_from(status),
-        Ok(pb::SagaStatus::Completed | pb::SagaStatus::Compensated | pb::SagaStatus::Failed)
-    )
 }
 
 /// Runs the benchmark and returns its report.
@@ -96,38 +86,15 @@ async fn one_saga(
         .await
         .map_err(rpc_error)?
         .into_inner();
-    let (mut version, status) = response
+    let (version, status) = response
         .saga
         .as_ref()
         .map_or((0, 0), |saga| (saga.version, saga.status));
     if is_terminal(status) {
         return Ok((started.elapsed(), status));
     }
-    loop {
-        let answer = client
-            .get_saga(pb::GetSagaRequest {
-                saga_id: response.saga_id.clone(),
-                min_version: version + 1,
-                wait_ms: POLL_WAIT_MS,
-            })
-            .await;
-        match answer {
-            Ok(saga) => {
-                let saga = saga.into_inner();
-                if is_terminal(saga.status) {
-                    return Ok((started.elapsed(), saga.status));
-                }
-                version = saga.version;
-            }
-            // Nothing new within the wait: ask again.
-            Err(status) if status.code() == tonic::Code::DeadlineExceeded => {}
-            Err(status) => {
-                return Err(
-                    rpc_error(status).context(format!("waiting for saga {}", response.saga_id))
-                );
-            }
-        }
-    }
+    let saga = wait_for_end(&mut client, &response.saga_id, version + 1).await?;
+    Ok((started.elapsed(), saga.status))
 }
 
 /// The nearest-rank percentile of sorted latencies, in milliseconds.

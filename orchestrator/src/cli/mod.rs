@@ -66,6 +66,13 @@ pub enum Command {
         /// Starting again with the same key returns the same saga.
         #[arg(long, default_value = "")]
         idempotency_key: String,
+        /// Wait until the saga has ended, then print it as `get` does.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up, exiting non-zero, if the saga has not ended within this time
+        /// ("90s", "10m"); the saga itself goes on.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, requires = "wait")]
+        timeout: Duration,
     },
     /// Show a saga: its status, steps and history.
     Get {
@@ -176,6 +183,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Start {
             saga_type,
             idempotency_key,
+            wait,
+            timeout,
             ..
         } => {
             let input = start_input.unwrap_or_default();
@@ -189,6 +198,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .map_err(rpc_error)?
                 .into_inner();
+            if wait {
+                return start_and_wait(&mut client, output, response, timeout).await;
+            }
             let status = response.saga.as_ref().map_or(0, |saga| saga.status);
             emit_fields(
                 output,
@@ -237,6 +249,87 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => {
             let report = bench::run(&client, &args, bench_input).await?;
             emit_fields(output, &report)
+        }
+    }
+}
+
+/// `start --wait`: waits for the saga `StartSaga` answered with to end, then prints it as
+/// `get` does (JSON with `created` added).
+async fn start_and_wait(
+    client: &mut Client,
+    output: Output,
+    started: pb::StartSagaResponse,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let saga_id = started.saga_id;
+    // A saga that has already ended (an idempotency key used before) is read as it is.
+    let min_version = started.saga.as_ref().map_or(1, |saga| {
+        if is_terminal(saga.status) {
+            saga.version
+        } else {
+            saga.version + 1
+        }
+    });
+    let Ok(saga) = tokio::time::timeout(timeout, wait_for_end(client, &saga_id, min_version)).await
+    else {
+        bail!(
+            "saga {saga_id} has not ended within {}; it goes on: `sagactl get {saga_id}` shows \
+             where it is",
+            humantime::format_duration(timeout)
+        );
+    };
+    let saga = saga?;
+    match output {
+        Output::Json => {
+            let mut json = render::saga_json(&saga);
+            if let Value::Object(fields) = &mut json {
+                fields.insert("created".to_owned(), Value::from(started.created));
+            }
+            emit_json(&json)
+        }
+        Output::Table => emit(&render::saga_table(&saga)),
+    }
+}
+
+/// Whether a saga with this status has ended.
+fn is_terminal(status: i32) -> bool {
+    matches!(
+        pb::SagaStatus::try_from(status),
+        Ok(pb::SagaStatus::Completed | pb::SagaStatus::Compensated | pb::SagaStatus::Failed)
+    )
+}
+
+/// How long one `GetSaga` long-poll waits for the next version.
+const POLL_WAIT_MS: u32 = 10_000;
+
+/// Long-polls `GetSaga`, first for `min_version`, then for each version after the one seen,
+/// until the saga has ended; returns it then, with its history.
+async fn wait_for_end(
+    client: &mut Client,
+    saga_id: &str,
+    mut min_version: u64,
+) -> anyhow::Result<pb::Saga> {
+    loop {
+        let answer = client
+            .get_saga(pb::GetSagaRequest {
+                saga_id: saga_id.to_owned(),
+                min_version,
+                wait_ms: POLL_WAIT_MS,
+            })
+            .await;
+        match answer {
+            Ok(saga) => {
+                let saga = saga.into_inner();
+                if is_terminal(saga.status) {
+                    return Ok(saga);
+                }
+                min_version = saga.version + 1;
+            }
+            // Nothing new within the wait: ask again.
+            Err(status) if status.code() == tonic::Code::DeadlineExceeded => {}
+            Err(status) => {
+                return Err(rpc_error(status).context(format!("waiting for saga {saga_id}")));
+            }
         }
     }
 }
