@@ -406,7 +406,11 @@ impl DefinitionSet {
         Ok(())
     }
 
-    #[cfg(test)]
+    /// How many definitions were loaded (one per file), for `sagactl defs validate`.
+    pub fn len(&self) -> usize {
+        self.loaded.len()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.loaded.is_empty()
     }

@@ -657,3 +657,85 @@ async fn start_wait_prints_the_ended_saga() -> anyhow::Result<()> {
 
     env.stop().await
 }
+
+#[tokio::test]
+async fn defs_validate_checks_files_without_a_server() -> anyhow::Result<()> {
+    // No server is needed: an address nobody listens on does not matter.
+    let nowhere = format!("http://127.0.0.1:{}", free_port()?);
+    let repo_defs = repo_root().join("saga-defs").display().to_string();
+
+    let report = sagactl(&[
+        "--server", &nowhere, "--output", "json", "defs", "validate", &repo_defs,
+    ])
+    .await?
+    .ok()?
+    .json()?;
+    assert_eq!(report["valid"], json!(true), "{report}");
+    assert_eq!(report["errors"], json!([]), "{report}");
+    let run = sagactl(&["defs", "validate", &repo_defs]).await?.ok()?;
+    assert_eq!(
+        run.stdout.trim(),
+        format!("ok: 1 definition in {repo_defs}")
+    );
+
+    // One good file, one with a bad field, one that is not TOML: an error for each bad file.
+    let good = std::fs::read_to_string(repo_root().join("saga-defs/order_fulfillment.toml"))?;
+    let bad_jitter = good.replacen("jitter = 0.2", "jitter = 2.0", 1);
+    let bad_name = good
+        .replacen("name = \"order_fulfillment\"", "name = \"other\"", 1)
+        .replacen("name = \"create_order\"", "name = \"\"", 1);
+    let dir = defs_dir(&[
+        ("a_good.toml", &good),
+        ("b_jitter.toml", &bad_jitter),
+        ("c_step.toml", &bad_name),
+    ])?;
+    let dir_text = dir.display().to_string();
+    let run = sagactl(&["--output", "json", "defs", "validate", &dir_text]).await?;
+    assert!(!run.status.success(), "{run:?}");
+    let report = run.json()?;
+    assert_eq!(report["valid"], json!(false), "{report}");
+    let errors = report["errors"].as_array().cloned().unwrap_or_default();
+    assert_eq!(errors.len(), 2, "{report}");
+    for error in &errors {
+        assert_keys(error, &["file", "field", "message"]);
+    }
+    assert!(
+        text(&errors[0]["file"]).ends_with("b_jitter.toml"),
+        "{report}"
+    );
+    assert_eq!(
+        errors[0]["field"],
+        json!("defaults.retry.jitter"),
+        "{report}"
+    );
+    assert!(
+        text(&errors[1]["file"]).ends_with("c_step.toml"),
+        "{report}"
+    );
+    assert_eq!(errors[1]["field"], json!("steps[0].name"), "{report}");
+
+    // Table form: one `file: field: message` line per error, the count on stderr.
+    let run = sagactl(&["defs", "validate", &dir_text]).await?;
+    assert!(!run.status.success(), "{run:?}");
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{run:?}");
+    assert!(
+        lines[0].starts_with(&format!(
+            "{}: defaults.retry.jitter: ",
+            dir.join("b_jitter.toml").display()
+        )),
+        "{run:?}"
+    );
+    assert!(run.stderr.contains("2 errors"), "{run:?}");
+
+    // A folder that is not there.
+    let missing = dir.join("absent").display().to_string();
+    let run = sagactl(&["--output", "json", "defs", "validate", &missing]).await?;
+    assert!(!run.status.success(), "{run:?}");
+    let report = run.json()?;
+    assert_eq!(report["valid"], json!(false));
+    assert_eq!(report["errors"][0]["file"], json!(missing));
+
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
+}

@@ -6,6 +6,7 @@ mod bench;
 mod render;
 
 use std::io::Write as _;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -14,8 +15,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use futures::StreamExt as _;
 use sagad_proto::v1 as pb;
 use sagad_proto::v1::saga_orchestrator_client::SagaOrchestratorClient;
-use serde_json::{Map, Value};
+use serde_json::{Map, Value, json};
 use tonic::transport::{Channel, Endpoint};
+
+use crate::definition::DefinitionSet;
 
 /// The client every command uses.
 pub type Client = SagaOrchestratorClient<Channel>;
@@ -112,6 +115,21 @@ pub enum Command {
     },
     /// Start many sagas, wait for each to end, and report throughput and latency.
     Bench(BenchArgs),
+    /// Saga definitions.
+    Defs {
+        #[command(subcommand)]
+        command: DefsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DefsCommand {
+    /// Check the definition files of a folder as sagad does at start, without a server (the
+    /// participants' addresses are not checked).
+    Validate {
+        /// The folder of `*.toml` definitions.
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -158,6 +176,13 @@ pub fn main() -> ExitCode {
 
 /// Runs one command.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    // Checking files needs no server.
+    if let Command::Defs {
+        command: DefsCommand::Validate { dir },
+    } = &cli.command
+    {
+        return validate_defs(cli.output, dir);
+    }
     // Input is checked before connecting: a typo should not wait on the network.
     let start_input = match &cli.command {
         Command::Start { input, .. } => Some(parse_input(input)?),
@@ -250,6 +275,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let report = bench::run(&client, &args, bench_input).await?;
             emit_fields(output, &report)
         }
+        // Handled above, before connecting.
+        Command::Defs { .. } => bail!("defs commands run without a server"),
     }
 }
 
@@ -288,6 +315,50 @@ async fn start_and_wait(
             emit_json(&json)
         }
         Output::Table => emit(&render::saga_table(&saga)),
+    }
+}
+
+/// `defs validate DIR`: every file of the folder checked as sagad checks it at start; the
+/// report on stdout, and a non-zero exit when some file is bad.
+fn validate_defs(output: Output, dir: &Path) -> anyhow::Result<()> {
+    let folder = dir.display().to_string();
+    let (count, errors) = match DefinitionSet::validate_dir(dir) {
+        Ok(set) => (set.len(), Vec::new()),
+        Err(errors) => (0, errors),
+    };
+    match output {
+        Output::Json => emit_json(&json!({
+            "valid": errors.is_empty(),
+            "definitions": count,
+            "errors": errors
+                .iter()
+                .map(|error| json!({
+                    "file": error.file,
+                    "field": error.field,
+                    "message": error.message,
+                }))
+                .collect::<Vec<_>>(),
+        }))?,
+        Output::Table if errors.is_empty() => {
+            let noun = if count == 1 {
+                "definition"
+            } else {
+                "definitions"
+            };
+            emit(&format!("ok: {count} {noun} in {folder}"))?;
+        }
+        Output::Table => emit(
+            &errors
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n"),
+        )?,
+    }
+    match errors.len() {
+        0 => Ok(()),
+        1 => bail!("{folder}: 1 error in the saga definitions"),
+        n => bail!("{folder}: {n} errors in the saga definitions"),
     }
 }
 
