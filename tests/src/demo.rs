@@ -243,7 +243,7 @@ pub struct DemoSystem {
     replicas: Vec<Replica>,
     /// The flags every replica is started with, for the ones started later.
     sagad_args: Vec<String>,
-    /// The addresses of the replicas that serve now, for clients that must get through.
+    /// Every replica's current address, for clients that must get through.
     servers: watch::Sender<Vec<String>>,
     sagad_url: String,
     /// Dropped at the end: the participants' databases, and sagad's when on the shared server.
@@ -342,6 +342,14 @@ impl DemoSystem {
             .with_context(|| format!("no replica {index}"))
     }
 
+    /// Replica `index`'s exit status if its process has ended (killed ones included).
+    pub fn replica_exited(
+        &mut self,
+        index: usize,
+    ) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        self.replica_mut(index)?.process.exited()
+    }
+
     /// The first replica's address for `sagactl --server`.
     pub fn server(&self) -> String {
         self.replicas
@@ -350,20 +358,20 @@ impl DemoSystem {
             .unwrap_or_default()
     }
 
-    /// The addresses of the replicas serving now; it changes as replicas are killed, paused,
-    /// restarted and resumed.
+    /// Every replica's address, as a client configured with all of them knows them: a killed
+    /// or paused replica stays listed (the client finds out by trying) until a restart
+    /// replaces its address.
     pub fn servers(&self) -> watch::Receiver<Vec<String>> {
         self.servers.subscribe()
     }
 
     fn publish_servers(&self) {
-        let live = self
+        let all = self
             .replicas
             .iter()
-            .filter(|replica| replica.state == ReplicaState::Live)
             .map(|replica| format!("http://{}", replica.process.addr))
             .collect();
-        self.servers.send_replace(live);
+        self.servers.send_replace(all);
     }
 
     /// A client of the first replica that serves now.
@@ -380,9 +388,7 @@ impl DemoSystem {
     pub async fn kill_replica(&mut self, index: usize) -> anyhow::Result<()> {
         let replica = self.replica_mut(index)?;
         replica.state = ReplicaState::Killed;
-        replica.process.kill().await?;
-        self.publish_servers();
-        Ok(())
+        replica.process.kill().await
     }
 
     /// A new sagad process in place of replica `index` (killed first if it still runs), on new
@@ -408,7 +414,6 @@ impl DemoSystem {
             .pid()
             .context("the replica has exited")?;
         self.replica_mut(index)?.state = ReplicaState::Paused;
-        self.publish_servers();
         signal(pid, "STOP").await?;
         wait_process_state(pid, |state| state == 'T').await
     }
@@ -422,7 +427,6 @@ impl DemoSystem {
         signal(pid, "CONT").await?;
         wait_process_state(pid, |state| state != 'T').await?;
         self.replica_mut(index)?.state = ReplicaState::Live;
-        self.publish_servers();
         Ok(())
     }
 
