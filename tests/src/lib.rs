@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod database;
 pub mod demo;
 pub mod participant;
+pub mod postgres;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
