@@ -218,6 +218,7 @@ pub(super) fn saga_table(saga: &pb::Saga) -> String {
         ("created_at", time_text(saga.created_at.as_ref())),
         ("updated_at", time_text(saga.updated_at.as_ref())),
     ];
+    header.push(("input", brief(&struct_json(saga.input.as_ref()))));
     if !saga.correlation_id.is_empty() {
         header.push(("correlation_id", saga.correlation_id.clone()));
     }
@@ -248,6 +249,7 @@ pub(super) fn saga_table(saga: &pb::Saga) -> String {
                 step_status(step.status),
                 step.attempts.to_string(),
                 step.compensation_attempts.to_string(),
+                fields_text(&struct_json(step.output.as_ref())),
                 step.last_error.clone(),
             ]
         })
@@ -260,6 +262,7 @@ pub(super) fn saga_table(saga: &pb::Saga) -> String {
             "STATUS",
             "ATTEMPTS",
             "COMP_ATTEMPTS",
+            "OUTPUT",
             "LAST_ERROR",
         ],
         &steps,
@@ -287,13 +290,94 @@ pub(super) fn saga_table(saga: &pb::Saga) -> String {
                     offset,
                     event.r#type.clone(),
                     event.step.clone(),
+                    event_detail(event),
                 ]
             })
             .collect();
         text.push_str("\n\n");
-        text.push_str(&table(&["SEQ", "TIME", "OFFSET", "TYPE", "STEP"], &history));
+        text.push_str(&table(
+            &["SEQ", "TIME", "OFFSET", "TYPE", "STEP", "DETAIL"],
+            &history,
+        ));
     }
     text
+}
+
+/// The longest document a table cell shows before it is cut short.
+const BRIEF_CHARS: usize = 160;
+
+/// A document on one line, cut short if long (the JSON form has it whole).
+fn brief(value: &Value) -> String {
+    let text = match value {
+        Value::String(text) => text.clone(),
+        other => other.to_string(),
+    };
+    if text.chars().count() <= BRIEF_CHARS {
+        return text;
+    }
+    let mut short: String = text.chars().take(BRIEF_CHARS).collect();
+    short.push('…');
+    short
+}
+
+/// An object's fields as `key=value key=value`; an empty or absent one as nothing.
+fn fields_text(value: &Value) -> String {
+    match value {
+        Value::Object(fields) => brief(&Value::String(
+            fields
+                .iter()
+                .map(|(key, value)| format!("{key}={}", brief(value)))
+                .collect::<Vec<_>>()
+                .join(" "),
+        )),
+        Value::Null => String::new(),
+        other => brief(other),
+    }
+}
+
+/// What an event says besides its type and step, for a person: the output of a step, the
+/// refusal's code and reason, the error of an attempt and when the next one is due, a reason.
+/// The start event's data (the definition snapshot) is left to the JSON form.
+fn event_detail(event: &pb::SagaEvent) -> String {
+    if event.r#type == "saga_started" {
+        return String::new();
+    }
+    let data = struct_json(event.data.as_ref());
+    let text = |key: &str| data.get(key).and_then(Value::as_str).unwrap_or_default();
+    let mut parts = Vec::new();
+    if let Some(attempt) = data.get("attempt").and_then(Value::as_u64)
+        && attempt > 1
+    {
+        parts.push(format!("attempt {attempt}"));
+    }
+    match (text("code"), text("reason")) {
+        ("", "") => {}
+        ("", reason) => parts.push(reason.to_owned()),
+        (code, "") => parts.push(code.to_owned()),
+        (code, reason) => parts.push(format!("{code}: {reason}")),
+    }
+    if !text("error").is_empty() {
+        parts.push(text("error").to_owned());
+    }
+    match data.get("retry_at") {
+        Some(Value::String(at)) => {
+            let due = DateTime::parse_from_rfc3339(at).ok();
+            match (due, time(event.recorded_at.as_ref())) {
+                (Some(due), Some(now)) => parts.push(format!(
+                    "retry in {:.3}s",
+                    (due.with_timezone(&Utc) - now).num_milliseconds() as f64 / 1000.0
+                )),
+                _ => parts.push(format!("retry at {at}")),
+            }
+        }
+        Some(Value::Null) => parts.push("no attempts left".to_owned()),
+        _ => {}
+    }
+    let output = fields_text(data.get("output").unwrap_or(&Value::Null));
+    if !output.is_empty() {
+        parts.push(output);
+    }
+    parts.join("; ")
 }
 
 /// `list` for people.
@@ -367,5 +451,60 @@ mod tests {
             whole_numbers(value),
             json!({"a": 1250, "b": [2.5, 3], "c": {"d": -1}, "e": "1.0"})
         );
+    }
+
+    fn event(event_type: &str, data: Value) -> pb::SagaEvent {
+        pb::SagaEvent {
+            seq: 2,
+            r#type: event_type.to_owned(),
+            step: "charge_payment".to_owned(),
+            data: serde_json::from_value(data).ok(),
+            recorded_at: Some(pbjson_types::Timestamp {
+                seconds: 1_700_000_000,
+                nanos: 0,
+            }),
+        }
+    }
+
+    #[test]
+    fn event_details_say_what_happened() {
+        let succeeded = event(
+            "step_succeeded",
+            json!({"step": "charge_payment", "attempt": 1.0, "output": {"payment_id": "p-1"}}),
+        );
+        assert_eq!(event_detail(&succeeded), "payment_id=p-1");
+        let refused = event(
+            "step_refused",
+            json!({"attempt": 2.0, "code": "INSUFFICIENT_FUNDS", "reason": "too poor"}),
+        );
+        assert_eq!(
+            event_detail(&refused),
+            "attempt 2; INSUFFICIENT_FUNDS: too poor"
+        );
+        let retried = event(
+            "step_attempt_failed",
+            json!({"attempt": 1.0, "error": "UNAVAILABLE", "retry_at": "2023-11-14T22:13:20.2Z"}),
+        );
+        assert_eq!(event_detail(&retried), "UNAVAILABLE; retry in 0.200s");
+        let exhausted = event(
+            "step_attempt_failed",
+            json!({"attempt": 6.0, "error": "timeout", "retry_at": null}),
+        );
+        assert_eq!(
+            event_detail(&exhausted),
+            "attempt 6; timeout; no attempts left"
+        );
+        let started = event("saga_started", json!({"input": {"a": 1.0}}));
+        assert_eq!(event_detail(&started), "");
+    }
+
+    #[test]
+    fn long_documents_are_cut_short() {
+        let long = "x".repeat(BRIEF_CHARS + 10);
+        let text = brief(&Value::String(long));
+        assert_eq!(text.chars().count(), BRIEF_CHARS + 1);
+        assert!(text.ends_with('…'));
+        assert_eq!(fields_text(&json!({"a": 1, "b": "two"})), "a=1 b=two");
+        assert_eq!(fields_text(&Value::Null), "");
     }
 }
