@@ -2,8 +2,8 @@
 //! SIGKILL and replaced in a loop while a few hundred sagas run, a replica paused with SIGSTOP
 //! past its lease and then resumed, and the time a takeover takes after a SIGKILL. Whatever
 //! happens to the replicas, every saga must end once, as the demo domain says, with money
-//! conserved, the participants' ledgers and logs holding only the contract's keys, and no
-//! event in any saga's log from a replica that had lost its lease.
+//! conserved, the participants' ledgers and logs holding only the contract's keys, no event
+//! doubled in any saga's log, and none from the paused replica once it had lost its lease.
 //!
 //! Leases are short here (2 s, sweeps at most 250 ms apart) to keep the runs fast. The tests
 //! take turns: each runs five or six processes, and on a starved 2-core box lease renewals
