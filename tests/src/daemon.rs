@@ -110,34 +110,32 @@ async fn serving(addr: SocketAddr) -> bool {
         .is_ok()
 }
 
-/// The workspace's built binary: `SAGAD_BIN_DIR` if set, else the newest of target/debug and
-/// target/release. The test command builds the binaries before running the tests.
+/// The workspace's built binary: from `SAGAD_BIN_DIR` if set, else from the profile these
+/// tests were built with (target/debug for `cargo test`), so a release build left by the demo
+/// can never stand in for a stale one. The test command builds the binaries first.
 pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
-    if let Ok(dir) = std::env::var("SAGAD_BIN_DIR") {
-        let path = Path::new(&dir).join(name);
-        if path.exists() {
-            return Ok(path);
+    let dir = match std::env::var("SAGAD_BIN_DIR") {
+        Ok(dir) => PathBuf::from(dir),
+        Err(_) => {
+            let target = std::env::var("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|_| crate::repo_root().join("target"));
+            let profile = if cfg!(debug_assertions) {
+                "debug"
+            } else {
+                "release"
+            };
+            target.join(profile)
         }
-        bail!("{} does not exist (SAGAD_BIN_DIR)", path.display());
+    };
+    let path = dir.join(name);
+    if !path.exists() {
+        bail!(
+            "no {name} binary at {}: build it first with `cargo build --workspace --bins`",
+            path.display()
+        );
     }
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| crate::repo_root().join("target"));
-    let newest = ["debug", "release"]
-        .iter()
-        .map(|profile| target.join(profile).join(name))
-        .filter_map(|path| {
-            let modified = path.metadata().and_then(|meta| meta.modified()).ok()?;
-            Some((modified, path))
-        })
-        .max();
-    match newest {
-        Some((_, path)) => Ok(path),
-        None => bail!(
-            "no {name} binary under {}: build it first with `cargo build --workspace --bins`",
-            target.display()
-        ),
-    }
+    Ok(path)
 }
 
 /// The real sagad binary, running in a process of its own.

@@ -178,9 +178,10 @@ impl Store {
                 Err(error) => return Err(error),
             }
         }
+        // A request answers UNAVAILABLE within a few seconds while the database is down.
         PgPoolOptions::new()
             .max_connections(16)
-            .acquire_timeout(Duration::from_secs(10))
+            .acquire_timeout(Duration::from_secs(3))
             .connect_with(options)
             .await
     }
