@@ -488,17 +488,23 @@ impl Store {
         rows.into_iter().map(SagaRow::into_record).collect()
     }
 
-    /// Registers a new replica id with a lease of `ttl`.
+    /// Registers a new replica id with a lease of `ttl`, and forgets the ids dead for a day
+    /// (a saga still naming one as owner is orphaned either way).
     pub async fn register_replica(&self, ttl: Duration) -> Result<Uuid> {
         let replica_id = Uuid::now_v7();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query!(r#"delete from replicas where lease_expires_at < now() - interval '1 day'"#)
+            .execute(&mut *tx)
+            .await?;
         sqlx::query!(
             r#"insert into replicas (replica_id, lease_expires_at)
                values ($1, now() + make_interval(secs => $2))"#,
             replica_id,
             ttl.as_secs_f64(),
         )
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(replica_id)
     }
 
