@@ -88,14 +88,21 @@ impl Lease {
     }
 
     /// May a driver of `tenure` act now (make a call)? Not once the tenure is lost or the
-    /// lease is older than this side trusts.
+    /// lease is older than this side trusts. Outliving the trust loses the tenure for good: a
+    /// driver may already have let its saga go, so a late renewal must not keep the id (and
+    /// the sagas it still owns) alive with nobody driving them.
     pub(super) fn holds(&self, tenure: &Tenure) -> bool {
         let Ok(current) = self.current.lock() else {
             return false;
         };
-        current.tenure.replica_id == tenure.replica_id
-            && !tenure.lost.is_cancelled()
-            && Instant::now() < current.trusted_until
+        if current.tenure.replica_id != tenure.replica_id || tenure.lost.is_cancelled() {
+            return false;
+        }
+        if Instant::now() >= current.trusted_until {
+            tenure.lost.cancel();
+            return false;
+        }
+        true
     }
 
     /// The renewal of `replica_id` that began at `since` succeeded.
@@ -161,6 +168,12 @@ mod tests {
         tokio::time::advance(Duration::from_millis(1_100)).await;
         assert!(!lease.holds(&tenure), "4.1 s after the last renewal");
         assert!(lease.is_lost());
+        assert!(
+            tenure.lost.is_cancelled(),
+            "outliving the trust ends the tenure"
+        );
+        lease.renewed(id, Instant::now());
+        assert!(!lease.holds(&tenure), "a late renewal does not revive it");
     }
 
     #[tokio::test(start_paused = true)]
