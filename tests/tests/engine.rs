@@ -933,6 +933,16 @@ async fn cancel_while_a_step_is_in_flight_compensates_it_first() -> anyhow::Resu
 
 #[tokio::test]
 async fn cancel_during_a_backoff_compensates_at_once() -> anyhow::Result<()> {
+    cancel_during_a_backoff("cancel_backoff", false).await
+}
+
+/// The cancel reaches the replica driving the saga through the database's notifications.
+#[tokio::test]
+async fn cancel_on_another_replica_compensates_at_once() -> anyhow::Result<()> {
+    cancel_during_a_backoff("cancel_elsewhere", true).await
+}
+
+async fn cancel_during_a_backoff(label: &str, on_another_replica: bool) -> anyhow::Result<()> {
     let down = script(|call, _| {
         if is_execute(call, "charge_payment") {
             Answer::status(Code::Unavailable)
@@ -944,7 +954,7 @@ async fn cancel_during_a_backoff_compensates_at_once() -> anyhow::Result<()> {
     });
     let policy = r#"retry = { max_attempts = 5, initial_delay = "30s", multiplier = 2.0, max_delay = "60s", jitter = 0.0 }"#;
     let defs = fast_defs(FAST, &[("charge_payment", policy)])?;
-    let mut env = Env::start("cancel_backoff", defs, down).await?;
+    let mut env = Env::start(label, defs, down).await?;
     let id = env.begin("fast", order_input("c-backoff-cancel")).await?;
     env.until(&id, |saga| {
         saga.steps.get(1).is_some_and(|step| step.attempts >= 1)
@@ -952,7 +962,23 @@ async fn cancel_during_a_backoff_compensates_at_once() -> anyhow::Result<()> {
     })
     .await?;
 
-    let cancelled = env.cancel(&id).await?;
+    let other = if on_another_replica {
+        Some(TestDaemon::start(&env.args).await?)
+    } else {
+        None
+    };
+    let cancelled = match &other {
+        Some(other) => other
+            .client()
+            .await?
+            .cancel_saga(CancelSagaRequest {
+                saga_id: id.clone(),
+                reason: "test cancels on another replica".to_owned(),
+            })
+            .await?
+            .into_inner(),
+        None => env.cancel(&id).await?,
+    };
     assert_eq!(
         status(&cancelled),
         SagaStatus::Compensating,
@@ -983,6 +1009,9 @@ async fn cancel_during_a_backoff_compensates_at_once() -> anyhow::Result<()> {
         ]
     );
     assert_history(&saga, "saga_compensated");
+    if let Some(other) = other {
+        other.stop().await?;
+    }
     env.finish().await
 }
 
