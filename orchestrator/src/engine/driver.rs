@@ -53,17 +53,26 @@ pub(super) async fn drive(engine: &Engine, mut saga: Saga, bell: &Notify, tenure
                 let participant = call.participant.clone();
                 let started = std::time::Instant::now();
                 // A call in flight is allowed to finish at shutdown (it is bounded by the step's
-                // timeout); a cancellation interrupts it, and the step is compensated.
-                let outcome = tokio::select! {
-                    outcome = engine.inner.participants.call(call) => outcome,
-                    () = lost.cancelled() => return,
-                    () = bell.notified() => {
-                        match load_retrying(engine, saga.id).await {
-                            Some(fresh) => saga = fresh,
+                // timeout); a cancellation interrupts it, and the step is compensated. A ring
+                // that finds the log unchanged (a repeated or spurious one) leaves the call be.
+                let in_flight = engine.inner.participants.call(call);
+                tokio::pin!(in_flight);
+                let outcome = loop {
+                    tokio::select! {
+                        outcome = &mut in_flight => break Some(outcome),
+                        () = lost.cancelled() => return,
+                        () = bell.notified() => match load_retrying(engine, saga.id).await {
+                            Some(fresh) if fresh.version == saga.version => {}
+                            Some(fresh) => {
+                                saga = fresh;
+                                break None;
+                            }
                             None => return,
-                        }
-                        continue;
+                        },
                     }
+                };
+                let Some(outcome) = outcome else {
+                    continue;
                 };
                 record_call_metrics(&participant, command.kind, &outcome, started.elapsed());
                 saga.record_outcome(command, outcome, Utc::now(), fastrand::f64())
