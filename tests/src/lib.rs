@@ -115,14 +115,7 @@ pub async fn wait_until(
 ) -> anyhow::Result<Saga> {
     let until = tokio::time::Instant::now() + deadline;
     loop {
-        let saga = client
-            .get_saga(GetSagaRequest {
-                saga_id: saga_id.to_owned(),
-                min_version: 0,
-                wait_ms: 0,
-            })
-            .await?
-            .into_inner();
+        let saga = get_saga(client, saga_id).await?;
         if done(&saga) {
             return Ok(saga);
         }
@@ -193,6 +186,18 @@ pub async fn get_saga(client: &mut Client, saga_id: &str) -> anyhow::Result<Saga
         .into_inner())
 }
 
+/// The newest 1000 sagas (one full page), as `ListSagas` has them.
+pub async fn list_newest(client: &mut Client) -> anyhow::Result<Vec<Saga>> {
+    Ok(client
+        .list_sagas(ListSagasRequest {
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .sagas)
+}
+
 /// Polls `ListSagas` until every saga in `ids` has ended, then returns each as `GetSaga` has it.
 pub async fn wait_all_terminal(
     client: &mut Client,
@@ -201,14 +206,7 @@ pub async fn wait_all_terminal(
 ) -> anyhow::Result<BTreeMap<String, Saga>> {
     let until = Instant::now() + deadline;
     loop {
-        let listed = client
-            .list_sagas(ListSagasRequest {
-                page_size: 1000,
-                ..Default::default()
-            })
-            .await?
-            .into_inner()
-            .sagas;
+        let listed = list_newest(client).await?;
         let open: Vec<(String, Option<SagaStatus>)> = ids
             .iter()
             .filter_map(|id| match listed.iter().find(|saga| &saga.saga_id == id) {

@@ -274,15 +274,7 @@ impl Env {
     }
 
     async fn get(&mut self, saga_id: &str) -> anyhow::Result<Saga> {
-        Ok(self
-            .client
-            .get_saga(GetSagaRequest {
-                saga_id: saga_id.to_owned(),
-                min_version: 0,
-                wait_ms: 0,
-            })
-            .await?
-            .into_inner())
+        get_saga(&mut self.client, saga_id).await
     }
 
     async fn terminal(&mut self, saga_id: &str) -> anyhow::Result<Saga> {

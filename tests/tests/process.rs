@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, ensure};
 use sagad_e2e::participant::Script;
 use sagad_e2e::*;
-use sagad_proto::v1::{ListSagasRequest, Saga, SagaStatus, StepStatus};
+use sagad_proto::v1::{Saga, SagaStatus, StepStatus};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -430,14 +430,7 @@ async fn crash_scenario(db: TestDatabase) -> anyhow::Result<()> {
     for (crash, lost) in [(1, &lost_1), (2, &lost_2)] {
         problems.extend(check_resent(crash, lost, &calls));
     }
-    let listed = client
-        .list_sagas(ListSagasRequest {
-            page_size: 1000,
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .sagas;
+    let listed = list_newest(&mut client).await?;
     if listed.len() != SAGAS as usize {
         problems.push(format!(
             "ListSagas shows {} sagas, {SAGAS} were started",

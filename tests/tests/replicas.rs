@@ -31,8 +31,14 @@ const TAKEN_OVER_WITHIN: Duration = Duration::from_secs(60);
 /// One test at a time (see the module docs).
 static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
 
-fn replica_flags() -> Vec<String> {
-    flags(&["--lease-ttl", LEASE_TTL, "--poll-interval", POLL_INTERVAL])
+/// Two replicas with short leases, and these flags for every participant.
+fn two_replicas(participant_flags: &[&str]) -> DemoOptions {
+    DemoOptions {
+        participant_args: flags(participant_flags),
+        sagad_args: flags(&["--lease-ttl", LEASE_TTL, "--poll-interval", POLL_INTERVAL]),
+        replicas: 2,
+        ..DemoOptions::default()
+    }
 }
 
 fn uuids(ids: impl IntoIterator<Item = impl AsRef<str>>) -> anyhow::Result<Vec<Uuid>> {
@@ -112,12 +118,7 @@ const KILLS: usize = 5;
 async fn replicas_killed_in_a_loop_lose_nothing_and_double_nothing() -> anyhow::Result<()> {
     let _turn = ONE_AT_A_TIME.lock().await;
     let defs = patient_defs()?;
-    let options = DemoOptions {
-        participant_args: flags(&["--latency-ms", "20", "--transient-failure-rate", "0.1"]),
-        sagad_args: replica_flags(),
-        replicas: 2,
-        ..DemoOptions::default()
-    };
+    let options = two_replicas(&["--latency-ms", "20", "--transient-failure-rate", "0.1"]);
     let mut system = DemoSystem::start("chaos", &defs, options).await?;
     let outcome = chaos(&mut system).await;
     system.shut_down_after(outcome).await
@@ -191,12 +192,7 @@ async fn a_replica_paused_past_its_lease_is_fenced_off_and_serves_again() -> any
     let _turn = ONE_AT_A_TIME.lock().await;
     let defs = repo_root().join("saga-defs");
     // Each call takes 300 ms: the paused replica has every saga it accepted in flight.
-    let options = DemoOptions {
-        participant_args: flags(&["--latency-ms", "300"]),
-        sagad_args: replica_flags(),
-        replicas: 2,
-        ..DemoOptions::default()
-    };
+    let options = two_replicas(&["--latency-ms", "300"]);
     let mut system = DemoSystem::start("paused", &defs, options).await?;
     let outcome = pause_and_resume(&mut system).await;
     system.shut_down_after(outcome).await
@@ -305,12 +301,7 @@ const TAKEOVER_ROUNDS: usize = 3;
 async fn takeover_time_after_a_sigkill_is_measured() -> anyhow::Result<()> {
     let _turn = ONE_AT_A_TIME.lock().await;
     let defs = repo_root().join("saga-defs");
-    let options = DemoOptions {
-        participant_args: flags(&["--latency-ms", "300"]),
-        sagad_args: replica_flags(),
-        replicas: 2,
-        ..DemoOptions::default()
-    };
+    let options = two_replicas(&["--latency-ms", "300"]);
     let mut system = DemoSystem::start("takeover", &defs, options).await?;
     let outcome = measure_takeovers(&mut system).await;
     system.shut_down_after(outcome).await

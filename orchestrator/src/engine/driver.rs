@@ -8,13 +8,13 @@ use std::time::Duration;
 use chrono::Utc;
 use sagad_proto::participant::v1::StepCommand;
 use tokio::sync::Notify;
+use uuid::Uuid;
 
 use super::lease::Tenure;
 use super::participants::Call;
 use super::{Engine, projection};
 use crate::saga::{Command, CommandKind, Decision, Event, Outcome, Saga};
 use crate::store::{Fence, SagaWrite, WriteOutcome};
-use uuid::Uuid;
 
 /// How long a driver waits before trying again when the database fails it.
 const STORE_RETRY_DELAY: Duration = Duration::from_secs(1);
