@@ -17,11 +17,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out_dir.join("sagad_descriptor.bin"),
         prost::Message::encode_to_vec(&file_descriptors),
     )?;
+    // The client API answers a body that is not protobuf with INVALID_ARGUMENT (see
+    // src/codec.rs). The participant protocol keeps prost's codec: there a reply sagad cannot
+    // decode stays a transient failure, since the call may have taken effect.
+    builder()
+        .codec_path("crate::codec::RequestCodec")
+        .compile_fds(protox::compile([files[0]], ["proto"])?)?;
+    builder().compile_fds(protox::compile(&files[1..], ["proto"])?)?;
+    Ok(())
+}
+
+fn builder() -> tonic_prost_build::Builder {
     tonic_prost_build::configure()
         .extern_path(".google.protobuf.Struct", "::pbjson_types::Struct")
         .extern_path(".google.protobuf.Value", "::pbjson_types::Value")
         .extern_path(".google.protobuf.ListValue", "::pbjson_types::ListValue")
         .extern_path(".google.protobuf.Timestamp", "::pbjson_types::Timestamp")
-        .compile_fds(file_descriptors)?;
-    Ok(())
 }

@@ -2,6 +2,8 @@
 //! `sagad.participant.v1` (the orchestrator to participant services); and `sagad.demo.v1`, the
 //! read services of the demo participants.
 
+pub mod codec;
+
 /// The orchestrator's client API.
 pub mod v1 {
     tonic::include_proto!("sagad.v1");
