@@ -7,7 +7,9 @@ use serde_json::Value;
 
 use crate::definition::SagaDefinition;
 
-/// One entry of a saga's append-only log, stored as JSON with its `type` as the tag.
+/// One entry of a saga's append-only log, stored as JSON with its `type` as the tag (log
+/// format 1, see `store::format`). A field added to an event later must read back as a
+/// default from the logs written before it (`#[serde(default)]`), so old logs stay readable.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
@@ -39,6 +41,14 @@ pub enum Event {
         attempt: u32,
         error: String,
         retry_at: Option<DateTime<Utc>>,
+    },
+    /// The participant did the step, but its output cannot be kept (too large, a NUL
+    /// character, a number a `Struct` cannot carry): the step failed, and since it took
+    /// effect, it is compensated with the steps before it.
+    StepOutputRejected {
+        step: String,
+        attempt: u32,
+        error: String,
     },
     /// An operator stopped the saga going forward.
     CancelRequested {
@@ -77,6 +87,7 @@ impl Event {
             Event::StepSucceeded { .. } => "step_succeeded",
             Event::StepRefused { .. } => "step_refused",
             Event::StepAttemptFailed { .. } => "step_attempt_failed",
+            Event::StepOutputRejected { .. } => "step_output_rejected",
             Event::CancelRequested { .. } => "cancel_requested",
             Event::CompensationSucceeded { .. } => "compensation_succeeded",
             Event::CompensationAttemptFailed { .. } => "compensation_attempt_failed",
@@ -93,6 +104,7 @@ impl Event {
             Event::StepSucceeded { step, .. }
             | Event::StepRefused { step, .. }
             | Event::StepAttemptFailed { step, .. }
+            | Event::StepOutputRejected { step, .. }
             | Event::CompensationSucceeded { step, .. }
             | Event::CompensationAttemptFailed { step, .. }
             | Event::CompensationRefused { step, .. } => Some(step),

@@ -192,6 +192,12 @@ pub enum Outcome {
     Transient {
         error: String,
     },
+    /// The participant answered success, but its output cannot be kept. Retrying under the
+    /// same key would only repeat the recorded answer, so the step has failed, having taken
+    /// effect.
+    OutputRejected {
+        error: String,
+    },
 }
 
 /// Why a cancellation was refused.
@@ -320,6 +326,22 @@ impl Saga {
                     ));
                 }
             }
+            Event::StepOutputRejected {
+                step: name,
+                attempt,
+                error,
+            } => {
+                let has_compensation = self.definition.steps[k].compensation.is_some();
+                let step = &mut self.steps[k];
+                step.attempts = *attempt;
+                step.status = StepStatus::Failed;
+                step.last_error = Some(format!("output rejected: {error}"));
+                step.retry_at = None;
+                step.needs_compensation = has_compensation;
+                self.go_backward(format!(
+                    "step {name} failed: its output was rejected: {error}"
+                ));
+            }
             Event::CancelRequested { reason } => {
                 if self.phase == Phase::Forward {
                     if let Some(k) = self.current_forward_step() {
@@ -440,7 +462,15 @@ impl Saga {
                 error,
                 retry_at: retry_time(&definition.retry, attempt, now, jitter_sample),
             },
-            (CommandKind::Compensate, Outcome::Success { .. }) => {
+            (CommandKind::Execute, Outcome::OutputRejected { error }) => {
+                Event::StepOutputRejected {
+                    step,
+                    attempt,
+                    error,
+                }
+            }
+            // A compensation's output is not kept, so none is ever rejected.
+            (CommandKind::Compensate, Outcome::Success { .. } | Outcome::OutputRejected { .. }) => {
                 Event::CompensationSucceeded { step, attempt }
             }
             (CommandKind::Compensate, Outcome::Refused { code, reason }) => {

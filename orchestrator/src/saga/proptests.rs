@@ -52,6 +52,8 @@ enum Reply {
     Success,
     Refused,
     Transient,
+    /// Success, with an output sagad cannot keep.
+    Rejected,
 }
 
 #[derive(Debug, Clone)]
@@ -133,6 +135,7 @@ fn reply() -> impl Strategy<Value = Reply> {
         4 => Just(Reply::Success),
         1 => Just(Reply::Refused),
         4 => Just(Reply::Transient),
+        1 => Just(Reply::Rejected),
     ]
 }
 
@@ -176,7 +179,7 @@ struct Model {
     executions: Vec<u32>,
     compensations: Vec<u32>,
     refused: Option<usize>,
-    /// The step whose attempts ran out.
+    /// The step whose attempts ran out, or whose output was rejected: it may have taken effect.
     exhausted: Option<usize>,
     /// Set when a cancellation stopped the saga going forward: the step that was current.
     cancelled: Option<Option<usize>>,
@@ -266,6 +269,7 @@ impl Model {
                 match reply {
                     Reply::Success => self.outputs[k] = Some(output.clone()),
                     Reply::Refused => self.refused = Some(k),
+                    Reply::Rejected => self.exhausted = Some(k),
                     Reply::Transient => {
                         if spec.max_attempts == Some(self.executions[k]) {
                             self.exhausted = Some(k);
@@ -276,7 +280,7 @@ impl Model {
             CommandKind::Compensate => {
                 self.compensations[k] += 1;
                 match reply {
-                    Reply::Success => self.compensated[k] = true,
+                    Reply::Success | Reply::Rejected => self.compensated[k] = true,
                     Reply::Refused => self.compensation_failed = Some(k),
                     Reply::Transient => {
                         if spec.compensation_max_attempts == Some(self.compensations[k]) {
@@ -392,6 +396,9 @@ fn outcome_of(reply: Reply, output: Value) -> Outcome {
         Reply::Transient => Outcome::Transient {
             error: "UNAVAILABLE".to_owned(),
         },
+        Reply::Rejected => Outcome::OutputRejected {
+            error: "output: too large".to_owned(),
+        },
     }
 }
 
@@ -401,7 +408,12 @@ fn check_every_outcome_applies(
     command: Command,
     now: DateTime<Utc>,
 ) -> Result<(), TestCaseError> {
-    for reply in [Reply::Success, Reply::Refused, Reply::Transient] {
+    for reply in [
+        Reply::Success,
+        Reply::Refused,
+        Reply::Transient,
+        Reply::Rejected,
+    ] {
         for jitter in [0.0, 0.999_999] {
             let events = saga.record_outcome(command, outcome_of(reply, json!({})), now, jitter);
             let step = name(command.step);
@@ -623,9 +635,10 @@ fn check_run(scenario: &Scenario, run: &Run) -> Result<(), TestCaseError> {
         .collect();
     let exhausted: BTreeSet<usize> = (0..specs.len())
         .filter(|&k| {
-            specs[k]
-                .max_attempts
-                .is_some_and(|max| count(CommandKind::Execute, k, Reply::Transient) == max as usize)
+            count(CommandKind::Execute, k, Reply::Rejected) > 0
+                || specs[k].max_attempts.is_some_and(|max| {
+                    count(CommandKind::Execute, k, Reply::Transient) == max as usize
+                })
         })
         .collect();
     let cancelled_step = run.model.cancelled.flatten();
@@ -645,7 +658,10 @@ fn check_run(scenario: &Scenario, run: &Run) -> Result<(), TestCaseError> {
         .collect();
     let undone: Vec<usize> = calls
         .iter()
-        .filter(|call| call.command.kind == CommandKind::Compensate && call.reply == Reply::Success)
+        .filter(|call| {
+            call.command.kind == CommandKind::Compensate
+                && matches!(call.reply, Reply::Success | Reply::Rejected)
+        })
         .map(|call| call.command.step)
         .collect();
     let compensate_steps: Vec<usize> = calls
@@ -807,8 +823,11 @@ fn any_event(names: Vec<String>) -> impl Strategy<Value = Event> {
                 retry_at,
             }
         ),
-        2 => (step, attempt, text.clone()).prop_map(|(step, attempt, code)| {
+        2 => (step.clone(), attempt.clone(), text.clone()).prop_map(|(step, attempt, code)| {
             Event::CompensationRefused { step, attempt, reason: code.clone(), code }
+        }),
+        2 => (step, attempt, text.clone()).prop_map(|(step, attempt, error)| {
+            Event::StepOutputRejected { step, attempt, error }
         }),
         1 => Just(Event::SagaCompleted),
         1 => Just(Event::SagaCompensated),

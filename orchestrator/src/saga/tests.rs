@@ -211,6 +211,51 @@ fn exhausted_attempts_compensate_the_step_itself_first() {
 }
 
 #[test]
+fn a_rejected_output_fails_the_step_and_compensates_it_first_since_it_took_effect() {
+    let mut saga = new_saga();
+    let command = expect_call(&saga, t0());
+    record(&mut saga, command, success(json!({})), t0());
+    let command = expect_call(&saga, t0());
+    let error = "output.note: the string holds a NUL character".to_owned();
+    let rejected = Outcome::OutputRejected {
+        error: error.clone(),
+    };
+    let events = record(&mut saga, command, rejected, t0());
+    assert_eq!(
+        events,
+        vec![Event::StepOutputRejected {
+            step: "b".to_owned(),
+            attempt: 1,
+            error,
+        }]
+    );
+    assert_eq!(saga.status(), SagaStatus::Compensating);
+    assert_eq!(saga.steps[1].status, StepStatus::Failed);
+    assert!(
+        saga.failure_reason
+            .as_deref()
+            .is_some_and(|reason| reason.contains("step b") && reason.contains("output")),
+        "{:?}",
+        saga.failure_reason
+    );
+    let first = expect_call(&saga, t0());
+    assert_eq!((first.kind, first.step), (CommandKind::Compensate, 1));
+    record(&mut saga, first, success(json!({})), t0());
+    let second = expect_call(&saga, t0());
+    assert_eq!((second.kind, second.step), (CommandKind::Compensate, 0));
+    record(&mut saga, second, success(json!({})), t0());
+    assert_eq!(saga.status(), SagaStatus::Compensated);
+    assert!(
+        saga.steps[1]
+            .last_error
+            .as_deref()
+            .is_some_and(|error| error.starts_with("output rejected: ")),
+        "{:?}",
+        saga.steps[1].last_error
+    );
+}
+
+#[test]
 fn cancel_compensates_the_step_in_flight_first() {
     let mut saga = new_saga();
     let command = expect_call(&saga, t0());
