@@ -1,9 +1,16 @@
 //! All SQL lives here. The log (`saga_events`) is the truth; the read model (`sagas`) is written
 //! in the same transaction as the events that change it, so a query never replays and is never
 //! behind the write it follows. Nothing outside this module writes SQL.
+//!
+//! Every database call has a deadline: the server ends a statement after [`STATEMENT_TIMEOUT`],
+//! and this side gives up a little later, for a server that does not answer at all (paused,
+//! or cut off with the connection left half open). A call that ran out of time is a
+//! [`StoreError::Timeout`]; whether its write took effect is learnt by reading the log again.
 
+mod format;
 mod writer;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +23,34 @@ use uuid::Uuid;
 
 use crate::saga::{Event, SagaStatus, StepView};
 
+pub use format::LOG_FORMAT;
 pub use writer::Writer;
+
+/// How long the server lets one statement run.
+pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long this side waits for one call (a connection, then a statement) before giving up.
+const CALL_TIMEOUT: Duration = Duration::from_secs(6);
+/// How long this side waits for a batch commit: a few statements in one transaction.
+const BATCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a request waits for a free connection; shorter than [`CALL_TIMEOUT`], so a
+/// request answers UNAVAILABLE within seconds while the database is down.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Settings of every session: the server ends a statement or an idle transaction that runs
+/// too long, and probes a client that went silent (TCP keepalive on the server's side), so a
+/// vanished sagad never holds locks for long. sqlx sets no socket options on this side; the
+/// deadlines above stand in for them and also cover a server that stopped answering.
+fn session_settings(options: PgConnectOptions) -> PgConnectOptions {
+    options.options([
+        ("statement_timeout", "5s"),
+        ("lock_timeout", "5s"),
+        ("idle_in_transaction_session_timeout", "15s"),
+        ("tcp_keepalives_idle", "10"),
+        ("tcp_keepalives_interval", "5"),
+        ("tcp_keepalives_count", "3"),
+        ("tcp_user_timeout", "20000"),
+    ])
+}
 
 /// A store failure. Cloneable, because one failed batch commit is the answer of every write in it.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -33,14 +67,67 @@ pub enum StoreError {
     },
     #[error("cannot encode an event: {0}")]
     Encode(Arc<serde_json::Error>),
+    /// The database refused the data of a write (a data exception or a size limit): retrying
+    /// the same write can only fail again.
+    #[error("the database refused the data: {0}")]
+    Rejected(Arc<sqlx::Error>),
+    #[error("the database did not answer within {} ({what})", humantime::format_duration(*.after))]
+    Timeout { what: &'static str, after: Duration },
     #[error("the batch writer has stopped")]
     WriterStopped,
 }
 
+impl StoreError {
+    /// Whether the error comes from what one write carried rather than from the database's
+    /// state: a batch that failed for it is worth retrying write by write.
+    fn concerns_data(&self) -> bool {
+        match self {
+            StoreError::Rejected(_) | StoreError::Encode(_) => true,
+            StoreError::Database(error) => matches!(**error, sqlx::Error::Database(_)),
+            _ => false,
+        }
+    }
+}
+
 impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> Self {
-        StoreError::Database(Arc::new(error))
+        // SQLSTATE classes 22 (data exception: a NUL character, an out-of-range number) and
+        // 54 (program limit exceeded: a document too large).
+        let refused_data = match &error {
+            sqlx::Error::Database(database) => database
+                .code()
+                .is_some_and(|code| code.starts_with("22") || code.starts_with("54")),
+            _ => false,
+        };
+        if refused_data {
+            StoreError::Rejected(Arc::new(error))
+        } else {
+            StoreError::Database(Arc::new(error))
+        }
     }
+}
+
+/// `call`, given up after `after`.
+async fn bounded<T>(
+    what: &'static str,
+    after: Duration,
+    call: impl Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T> {
+    match tokio::time::timeout(after, call).await {
+        Ok(result) => result.map_err(StoreError::from),
+        Err(_) => Err(StoreError::Timeout { what, after }),
+    }
+}
+
+/// `call` (several statements), given up after `after`.
+async fn bounded_all<T>(
+    what: &'static str,
+    after: Duration,
+    call: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    tokio::time::timeout(after, call)
+        .await
+        .unwrap_or(Err(StoreError::Timeout { what, after }))
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -135,26 +222,28 @@ pub struct ListCursor {
     pub saga_id: Uuid,
 }
 
-/// The connection pool and every query sagad makes.
+/// The connection pools and every query sagad makes.
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: PgPool,
+    /// The lease's own connection: a renewal never waits behind requests for the main pool.
+    lease_pool: PgPool,
 }
 
 impl Store {
     /// Connects, creating the database if it is missing and retrying for up to `max_wait` while
     /// the server is unreachable, then applies the migrations.
     pub async fn connect(url: &str, max_wait: Duration) -> Result<Store> {
-        let options: PgConnectOptions = url.parse()?;
+        let options = session_settings(url.parse()?);
         let deadline = tokio::time::Instant::now() + max_wait;
         let mut delay = Duration::from_millis(100);
-        let pool = loop {
+        let store = loop {
             match Self::try_connect(url, options.clone()).await {
-                Ok(pool) => break pool,
+                Ok(store) => break store,
                 Err(error) => {
                     let now = tokio::time::Instant::now();
                     if now >= deadline {
-                        return Err(error.into());
+                        return Err(error);
                     }
                     tracing::warn!(%error, "database not reachable yet; retrying");
                     tokio::time::sleep(delay.min(deadline - now)).await;
@@ -163,43 +252,119 @@ impl Store {
             }
         };
         sqlx::migrate!("../migrations/orchestrator")
-            .run(&pool)
+            .run(&store.pool)
             .await
             .map_err(|error| StoreError::Migration(Arc::new(error)))?;
-        Ok(Store { pool })
+        Ok(store)
     }
 
-    async fn try_connect(url: &str, options: PgConnectOptions) -> Result<PgPool, sqlx::Error> {
-        if !Postgres::database_exists(url).await? {
-            match Postgres::create_database(url).await {
+    async fn try_connect(url: &str, options: PgConnectOptions) -> Result<Store> {
+        let exists = bounded(
+            "checking the database exists",
+            CALL_TIMEOUT,
+            Postgres::database_exists(url),
+        )
+        .await?;
+        if !exists {
+            match bounded(
+                "creating the database",
+                CALL_TIMEOUT,
+                Postgres::create_database(url),
+            )
+            .await
+            {
                 Ok(()) => {}
                 // Another process created it first.
-                Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("42P04") => {}
+                Err(StoreError::Database(error)) if matches!(&*error, sqlx::Error::Database(e) if e.code().as_deref() == Some("42P04")) =>
+                    {}
                 Err(error) => return Err(error),
             }
         }
-        // A request answers UNAVAILABLE within a few seconds while the database is down.
-        PgPoolOptions::new()
-            .max_connections(16)
-            .acquire_timeout(Duration::from_secs(3))
-            .connect_with(options)
-            .await
+        let pool = bounded(
+            "connecting",
+            CALL_TIMEOUT,
+            PgPoolOptions::new()
+                .max_connections(16)
+                .acquire_timeout(ACQUIRE_TIMEOUT)
+                .connect_with(options.clone()),
+        )
+        .await?;
+        let lease_pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_lazy_with(options);
+        Ok(Store { pool, lease_pool })
     }
 
     /// Is the database answering?
     pub async fn ping(&self) -> Result<()> {
-        sqlx::query_scalar!("select 1 as \"one!\"")
-            .fetch_one(&self.pool)
-            .await?;
+        bounded(
+            "ping",
+            CALL_TIMEOUT,
+            sqlx::query_scalar!("select 1 as \"one!\"").fetch_one(&self.pool),
+        )
+        .await?;
         Ok(())
     }
 
     /// Commits a batch of writes for distinct sagas in one transaction. A conflict on one saga
-    /// does not fail the others.
-    pub async fn write_batch(&self, writes: &[SagaWrite]) -> Result<Vec<WriteOutcome>> {
+    /// does not fail the others; an event that cannot be encoded fails its own write only.
+    /// Either every write of the batch is committed, or none.
+    pub async fn write_batch(&self, writes: &[SagaWrite]) -> Result<Vec<Result<WriteOutcome>>> {
+        let mut encoded: Vec<Option<Vec<Value>>> = Vec::with_capacity(writes.len());
+        let mut failed: Vec<Option<StoreError>> = Vec::with_capacity(writes.len());
+        for write in writes {
+            match write
+                .events
+                .iter()
+                .map(format::encode_event)
+                .collect::<Result<Vec<_>, _>>()
+            {
+                Ok(events) => {
+                    encoded.push(Some(events));
+                    failed.push(None);
+                }
+                Err(error) => {
+                    encoded.push(None);
+                    failed.push(Some(StoreError::Encode(Arc::new(error))));
+                }
+            }
+        }
+        let ready: Vec<(&SagaWrite, Vec<Value>)> = writes
+            .iter()
+            .zip(encoded)
+            .filter_map(|(write, events)| events.map(|events| (write, events)))
+            .collect();
+        let outcomes = if ready.is_empty() {
+            Vec::new()
+        } else {
+            bounded_all(
+                "committing a batch",
+                BATCH_TIMEOUT,
+                self.commit_batch(&ready),
+            )
+            .await?
+        };
+        let mut outcomes = outcomes.into_iter();
+        Ok(failed
+            .into_iter()
+            .map(|failure| match failure {
+                Some(error) => Err(error),
+                None => Ok(outcomes.next().unwrap_or(WriteOutcome::Conflict)),
+            })
+            .collect())
+    }
+
+    /// One transaction for `writes` (each with its events encoded), in their order.
+    async fn commit_batch(&self, ready: &[(&SagaWrite, Vec<Value>)]) -> Result<Vec<WriteOutcome>> {
+        let writes: Vec<&SagaWrite> = ready.iter().map(|(write, _)| *write).collect();
         let mut tx = self.pool.begin().await?;
 
-        let starts: Vec<&SagaWrite> = writes.iter().filter(|w| w.expected_version == 0).collect();
+        let starts: Vec<&SagaWrite> = writes
+            .iter()
+            .copied()
+            .filter(|w| w.expected_version == 0)
+            .collect();
         let mut written: Vec<Uuid> = Vec::with_capacity(writes.len());
         if !starts.is_empty() {
             let columns = ProjectionColumns::of(&starts);
@@ -251,8 +416,11 @@ impl Store {
             written.extend(inserted);
         }
 
-        let mut updates: Vec<&SagaWrite> =
-            writes.iter().filter(|w| w.expected_version > 0).collect();
+        let mut updates: Vec<&SagaWrite> = writes
+            .iter()
+            .copied()
+            .filter(|w| w.expected_version > 0)
+            .collect();
         // One lock order for every batch, so concurrent batches cannot deadlock.
         updates.sort_by_key(|w| w.saga_id);
         let mut fenced: Vec<Uuid> = Vec::new();
@@ -276,7 +444,8 @@ impl Store {
                   and (not u.owner_only
                        or (s.owner = u.writer_id
                            and exists (select 1 from replicas r
-                                       where r.replica_id = u.writer_id and r.lease_expires_at > now())))
+                                       where r.replica_id = u.writer_id
+                                         and r.lease_expires_at > clock_timestamp())))
                 returning s.saga_id
                 "#,
                 &ids,
@@ -307,7 +476,8 @@ impl Store {
                     join sagas s on s.saga_id = u.saga_id
                     where s.owner is distinct from u.writer_id
                        or not exists (select 1 from replicas r
-                                      where r.replica_id = u.writer_id and r.lease_expires_at > now())
+                                      where r.replica_id = u.writer_id
+                                        and r.lease_expires_at > clock_timestamp())
                     "#,
                     &refused,
                     &refused_writers,
@@ -323,24 +493,22 @@ impl Store {
         let mut types = Vec::new();
         let mut steps = Vec::new();
         let mut datas = Vec::new();
-        for write in writes.iter().filter(|w| written.contains(&w.saga_id)) {
-            for (offset, event) in write.events.iter().enumerate() {
+        for (write, encoded) in ready.iter().filter(|(w, _)| written.contains(&w.saga_id)) {
+            for (offset, (event, data)) in write.events.iter().zip(encoded).enumerate() {
                 event_ids.push(write.saga_id);
                 event_replicas.push(write.replica_id);
                 seqs.push(to_i64(write.expected_version) + 1 + to_i64(offset as u64));
                 types.push(event.type_name().to_owned());
                 steps.push(event.step().map(str::to_owned));
-                datas.push(
-                    serde_json::to_value(event)
-                        .map_err(|error| StoreError::Encode(Arc::new(error)))?,
-                );
+                datas.push(data.clone());
             }
         }
         if !event_ids.is_empty() {
             sqlx::query!(
                 r#"
-                insert into saga_events (saga_id, seq, event_type, step, data, replica_id)
-                select * from unnest($1::uuid[], $2::int8[], $3::text[], $4::text[], $5::jsonb[], $6::uuid[])
+                insert into saga_events (saga_id, seq, event_type, step, data, replica_id, format)
+                select e.*, $7 from unnest($1::uuid[], $2::int8[], $3::text[], $4::text[], $5::jsonb[],
+                                           $6::uuid[]) as e
                 "#,
                 &event_ids,
                 &seqs,
@@ -348,6 +516,7 @@ impl Store {
                 &steps as &[Option<String>],
                 &datas,
                 &event_replicas,
+                LOG_FORMAT,
             )
             .execute(&mut *tx)
             .await?;
@@ -387,18 +556,24 @@ impl Store {
 
     /// A saga's whole log, in order, for replay.
     pub async fn load_events(&self, saga_id: Uuid) -> Result<Vec<Event>> {
-        let rows = sqlx::query!(
-            r#"select seq, data from saga_events where saga_id = $1 order by seq"#,
-            saga_id
+        let rows = bounded(
+            "reading a saga's log",
+            CALL_TIMEOUT,
+            sqlx::query!(
+                r#"select seq, format, data from saga_events where saga_id = $1 order by seq"#,
+                saga_id
+            )
+            .fetch_all(&self.pool),
         )
-        .fetch_all(&self.pool)
         .await?;
         rows.into_iter()
             .map(|row| {
-                serde_json::from_value(row.data).map_err(|error| StoreError::CorruptLog {
-                    saga_id,
-                    seq: row.seq,
-                    message: error.to_string(),
+                format::decode_event(row.format, row.data).map_err(|message| {
+                    StoreError::CorruptLog {
+                        saga_id,
+                        seq: row.seq,
+                        message,
+                    }
                 })
             })
             .collect()
@@ -406,12 +581,16 @@ impl Store {
 
     /// A saga's history as clients see it.
     pub async fn history(&self, saga_id: Uuid) -> Result<Vec<EventRecord>> {
-        let rows = sqlx::query!(
-            r#"select seq, event_type, step, data, recorded_at from saga_events
-               where saga_id = $1 order by seq"#,
-            saga_id
+        let rows = bounded(
+            "reading a saga's history",
+            CALL_TIMEOUT,
+            sqlx::query!(
+                r#"select seq, event_type, step, data, recorded_at from saga_events
+                   where saga_id = $1 order by seq"#,
+                saga_id
+            )
+            .fetch_all(&self.pool),
         )
-        .fetch_all(&self.pool)
         .await?;
         Ok(rows
             .into_iter()
@@ -426,15 +605,19 @@ impl Store {
     }
 
     pub async fn get_saga(&self, saga_id: Uuid) -> Result<Option<SagaRecord>> {
-        let row = sqlx::query_as!(
-            SagaRow,
-            r#"select saga_id, saga_type, definition_version, status, input, context, steps,
-                      failure_reason, version, correlation_id, idempotency_key, created_at,
-                      updated_at, wake_at
-               from sagas where saga_id = $1"#,
-            saga_id
+        let row = bounded(
+            "reading a saga",
+            CALL_TIMEOUT,
+            sqlx::query_as!(
+                SagaRow,
+                r#"select saga_id, saga_type, definition_version, status, input, context, steps,
+                          failure_reason, version, correlation_id, idempotency_key, created_at,
+                          updated_at, wake_at
+                   from sagas where saga_id = $1"#,
+                saga_id
+            )
+            .fetch_optional(&self.pool),
         )
-        .fetch_optional(&self.pool)
         .await?;
         row.map(SagaRow::into_record).transpose()
     }
@@ -445,16 +628,20 @@ impl Store {
         saga_type: &str,
         idempotency_key: &str,
     ) -> Result<Option<SagaRecord>> {
-        let row = sqlx::query_as!(
-            SagaRow,
-            r#"select saga_id, saga_type, definition_version, status, input, context, steps,
-                      failure_reason, version, correlation_id, idempotency_key, created_at,
-                      updated_at, wake_at
-               from sagas where saga_type = $1 and idempotency_key = $2"#,
-            saga_type,
-            idempotency_key
+        let row = bounded(
+            "looking up an idempotency key",
+            CALL_TIMEOUT,
+            sqlx::query_as!(
+                SagaRow,
+                r#"select saga_id, saga_type, definition_version, status, input, context, steps,
+                          failure_reason, version, correlation_id, idempotency_key, created_at,
+                          updated_at, wake_at
+                   from sagas where saga_type = $1 and idempotency_key = $2"#,
+                saga_type,
+                idempotency_key
+            )
+            .fetch_optional(&self.pool),
         )
-        .fetch_optional(&self.pool)
         .await?;
         row.map(SagaRow::into_record).transpose()
     }
@@ -466,24 +653,28 @@ impl Store {
             .iter()
             .map(|s| s.as_str().to_owned())
             .collect();
-        let rows = sqlx::query_as!(
-            SagaRow,
-            r#"select saga_id, saga_type, definition_version, status, input, context, steps,
-                      failure_reason, version, correlation_id, idempotency_key, created_at,
-                      updated_at, wake_at
-               from sagas
-               where ($1::text is null or saga_type = $1)
-                 and (cardinality($2::text[]) = 0 or status = any($2))
-                 and ($3::timestamptz is null or (created_at, saga_id) < ($3, $4::uuid))
-               order by created_at desc, saga_id desc
-               limit $5"#,
-            filter.saga_type.as_deref(),
-            &statuses,
-            filter.after.map(|cursor| cursor.created_at),
-            filter.after.map(|cursor| cursor.saga_id),
-            i64::from(filter.limit),
+        let rows = bounded(
+            "listing sagas",
+            CALL_TIMEOUT,
+            sqlx::query_as!(
+                SagaRow,
+                r#"select saga_id, saga_type, definition_version, status, input, context, steps,
+                          failure_reason, version, correlation_id, idempotency_key, created_at,
+                          updated_at, wake_at
+                   from sagas
+                   where ($1::text is null or saga_type = $1)
+                     and (cardinality($2::text[]) = 0 or status = any($2))
+                     and ($3::timestamptz is null or (created_at, saga_id) < ($3, $4::uuid))
+                   order by created_at desc, saga_id desc
+                   limit $5"#,
+                filter.saga_type.as_deref(),
+                &statuses,
+                filter.after.map(|cursor| cursor.created_at),
+                filter.after.map(|cursor| cursor.saga_id),
+                i64::from(filter.limit),
+            )
+            .fetch_all(&self.pool),
         )
-        .fetch_all(&self.pool)
         .await?;
         rows.into_iter().map(SagaRow::into_record).collect()
     }
@@ -492,32 +683,49 @@ impl Store {
     /// (a saga still naming one as owner is orphaned either way).
     pub async fn register_replica(&self, ttl: Duration) -> Result<Uuid> {
         let replica_id = Uuid::now_v7();
-        let mut tx = self.pool.begin().await?;
-        sqlx::query!(r#"delete from replicas where lease_expires_at < now() - interval '1 day'"#)
+        bounded_all("registering a replica", CALL_TIMEOUT, async {
+            let mut tx = self.lease_pool.begin().await?;
+            sqlx::query!(
+                r#"delete from replicas where lease_expires_at < now() - interval '1 day'"#
+            )
             .execute(&mut *tx)
             .await?;
-        sqlx::query!(
-            r#"insert into replicas (replica_id, lease_expires_at)
-               values ($1, now() + make_interval(secs => $2))"#,
-            replica_id,
-            ttl.as_secs_f64(),
-        )
-        .execute(&mut *tx)
+            sqlx::query!(
+                r#"insert into replicas (replica_id, lease_expires_at)
+                   values ($1, clock_timestamp() + make_interval(secs => $2))"#,
+                replica_id,
+                ttl.as_secs_f64(),
+            )
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(())
+        })
         .await?;
-        tx.commit().await?;
         Ok(replica_id)
     }
 
     /// Extends the replica's lease to `ttl` from now, unless it has expired: an expired id stays
     /// dead, so whatever it still holds can be taken over. `false`: the lease was lost.
-    pub async fn renew_lease(&self, replica_id: Uuid, ttl: Duration) -> Result<bool> {
-        let renewed = sqlx::query!(
-            r#"update replicas set lease_expires_at = now() + make_interval(secs => $2)
-               where replica_id = $1 and lease_expires_at > now()"#,
-            replica_id,
-            ttl.as_secs_f64(),
+    /// It gives up after `within`: a renewal that comes back later than the lease can be
+    /// trusted is of no use.
+    pub async fn renew_lease(
+        &self,
+        replica_id: Uuid,
+        ttl: Duration,
+        within: Duration,
+    ) -> Result<bool> {
+        let renewed = bounded(
+            "renewing the lease",
+            within.min(CALL_TIMEOUT),
+            sqlx::query!(
+                r#"update replicas set lease_expires_at = clock_timestamp() + make_interval(secs => $2)
+                   where replica_id = $1 and lease_expires_at > clock_timestamp()"#,
+                replica_id,
+                ttl.as_secs_f64(),
+            )
+            .execute(&self.lease_pool),
         )
-        .execute(&self.pool)
         .await?;
         Ok(renewed.rows_affected() == 1)
     }
@@ -525,21 +733,24 @@ impl Store {
     /// Ends a replica id at once: its sagas are let go (anyone may take them over at once) and
     /// its late writes are fenced off. Returns how many sagas it let go.
     pub async fn retire_replica(&self, replica_id: Uuid) -> Result<u64> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query!(
-            r#"update replicas set lease_expires_at = now() where replica_id = $1"#,
-            replica_id
-        )
-        .execute(&mut *tx)
-        .await?;
-        let released = sqlx::query!(
-            r#"update sagas set owner = null where owner = $1 and wake_at is not null"#,
-            replica_id
-        )
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(released.rows_affected())
+        bounded_all("retiring a replica", CALL_TIMEOUT, async {
+            let mut tx = self.lease_pool.begin().await?;
+            sqlx::query!(
+                r#"update replicas set lease_expires_at = clock_timestamp() where replica_id = $1"#,
+                replica_id
+            )
+            .execute(&mut *tx)
+            .await?;
+            let released = sqlx::query!(
+                r#"update sagas set owner = null where owner = $1 and wake_at is not null"#,
+                replica_id
+            )
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(released.rows_affected())
+        })
+        .await
     }
 
     /// Claims up to `limit` unfinished sagas that nobody alive drives and that are due within
@@ -551,39 +762,76 @@ impl Store {
         limit: u32,
         horizon: Duration,
     ) -> Result<Vec<Uuid>> {
-        Ok(sqlx::query_scalar!(
-            r#"
-            update sagas set owner = $1
-            where saga_id in (
-                select c.saga_id from sagas c
-                where c.wake_at is not null
-                  and c.wake_at <= now() + make_interval(secs => $3)
-                  and (c.owner is null
-                       or not exists (select 1 from replicas r
-                                      where r.replica_id = c.owner and r.lease_expires_at > now()))
-                order by c.wake_at
-                limit $2
-                for update skip locked)
-              and exists (select 1 from replicas me
-                          where me.replica_id = $1 and me.lease_expires_at > now())
-            returning saga_id
-            "#,
-            replica_id,
-            i64::from(limit),
-            horizon.as_secs_f64(),
+        bounded(
+            "claiming sagas",
+            CALL_TIMEOUT,
+            sqlx::query_scalar!(
+                r#"
+                update sagas set owner = $1
+                where saga_id in (
+                    select c.saga_id from sagas c
+                    where c.wake_at is not null
+                      and c.wake_at <= now() + make_interval(secs => $3)
+                      and (c.owner is null
+                           or not exists (select 1 from replicas r
+                                          where r.replica_id = c.owner
+                                            and r.lease_expires_at > clock_timestamp()))
+                    order by c.wake_at
+                    limit $2
+                    for update skip locked)
+                  and exists (select 1 from replicas me
+                              where me.replica_id = $1 and me.lease_expires_at > clock_timestamp())
+                returning saga_id
+                "#,
+                replica_id,
+                i64::from(limit),
+                horizon.as_secs_f64(),
+            )
+            .fetch_all(&self.pool),
         )
-        .fetch_all(&self.pool)
-        .await?)
+        .await
+    }
+
+    /// Up to `limit` unfinished sagas `replica_id` owns that were due more than `overdue_by`
+    /// ago, most overdue first: a saga driven as it should be is either waiting for a time
+    /// still to come or in the middle of one call, so what this finds beyond the calls in
+    /// flight is a saga whose driver never started or stopped early.
+    pub async fn owned_overdue(
+        &self,
+        replica_id: Uuid,
+        overdue_by: Duration,
+        limit: u32,
+    ) -> Result<Vec<Uuid>> {
+        bounded(
+            "finding overdue sagas",
+            CALL_TIMEOUT,
+            sqlx::query_scalar!(
+                r#"select saga_id from sagas
+                   where owner = $1 and wake_at is not null
+                     and wake_at < now() - make_interval(secs => $2)
+                   order by wake_at
+                   limit $3"#,
+                replica_id,
+                overdue_by.as_secs_f64(),
+                i64::from(limit),
+            )
+            .fetch_all(&self.pool),
+        )
+        .await
     }
 
     /// Listens for sagas changed by requests on any replica (see [`Fence::Request`]).
     pub async fn listen_for_changes(&self) -> Result<ChangeListener> {
-        let mut listener = PgListener::connect_with(&self.pool).await?;
-        listener.listen(CHANGED_CHANNEL).await?;
-        Ok(ChangeListener { listener })
+        bounded_all("listening for changes", CALL_TIMEOUT, async {
+            let mut listener = PgListener::connect_with(&self.pool).await?;
+            listener.listen(CHANGED_CHANNEL).await?;
+            Ok(ChangeListener { listener })
+        })
+        .await
     }
 
     pub async fn close(&self) {
+        self.lease_pool.close().await;
         self.pool.close().await;
     }
 }

@@ -1,6 +1,8 @@
 //! Group commit: one writer per instance gathers the writes that are ready, commits them in one
 //! transaction, and answers each. Under load many sagas share one commit; alone, a write is a
-//! batch of one and waits for nothing.
+//! batch of one and waits for nothing. A write whose data fails its batch fails alone: the
+//! batch is tried again write by write. A database that fails or does not answer fails every
+//! write queued at that moment at once, so nobody waits out one timeout per batch.
 
 use std::collections::{HashSet, VecDeque};
 
@@ -101,12 +103,18 @@ async fn run(
         metrics::histogram!("sagad_store_batch_writes").record(writes.len() as f64);
         // A reply whose requester has gone, or an announcement nobody listens to, is dropped.
         match store.write_batch(&writes).await {
-            Ok(outcomes) => {
-                for ((write, reply), outcome) in writes.iter().zip(replies).zip(outcomes) {
-                    if outcome == WriteOutcome::Written {
-                        let _ = committed.send((write.saga_id, write.projection.version));
-                    }
-                    let _ = reply.send(Ok(outcome));
+            Ok(outcomes) => answer(&committed, &writes, replies, outcomes),
+            // One write's data may have failed the whole transaction: each is tried alone, so
+            // that it fails alone.
+            Err(error) if writes.len() > 1 && error.concerns_data() => {
+                tracing::warn!(%error, size = writes.len(), "batch commit failed; writing one by one");
+                for (write, reply) in writes.into_iter().zip(replies) {
+                    let alone = std::slice::from_ref(&write);
+                    let outcomes = match store.write_batch(alone).await {
+                        Ok(outcomes) => outcomes,
+                        Err(error) => vec![Err(error)],
+                    };
+                    answer(&committed, alone, vec![reply], outcomes);
                 }
             }
             Err(error) => {
@@ -114,7 +122,36 @@ async fn run(
                 for reply in replies {
                     let _ = reply.send(Err(error.clone()));
                 }
+                // The database itself failed (down, or not answering in time): what waits in
+                // the queue would fail the same way, batch after batch, each after a timeout.
+                // It is answered at once instead; its writers retry when they see fit.
+                if !error.concerns_data() {
+                    let mut failed = 0;
+                    while let Some(pending) = held.pop_front().or_else(|| receiver.try_recv().ok())
+                    {
+                        let _ = pending.reply.send(Err(error.clone()));
+                        failed += 1;
+                    }
+                    if failed > 0 {
+                        tracing::warn!(failed, "failed the writes queued behind the batch");
+                    }
+                }
             }
         }
+    }
+}
+
+/// Answers each write of a committed batch and announces the written ones.
+fn answer(
+    committed: &broadcast::Sender<(Uuid, u64)>,
+    writes: &[SagaWrite],
+    replies: Vec<oneshot::Sender<Result<WriteOutcome>>>,
+    outcomes: Vec<Result<WriteOutcome>>,
+) {
+    for ((write, reply), outcome) in writes.iter().zip(replies).zip(outcomes) {
+        if matches!(outcome, Ok(WriteOutcome::Written)) {
+            let _ = committed.send((write.saga_id, write.projection.version));
+        }
+        let _ = reply.send(outcome);
     }
 }
