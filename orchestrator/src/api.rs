@@ -13,15 +13,25 @@ use serde_json::Value;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
+use crate::document::{self, shorten};
 use crate::engine::{Engine, EngineError, StartRequest};
 use crate::saga::{SagaStatus, StepStatus};
-use crate::store::{EventRecord, ListCursor, ListFilter, SagaRecord};
+use crate::store::{EventRecord, ListCursor, ListFilter, SagaRecord, StoreError};
 
 /// The largest page a listing returns.
 pub const MAX_PAGE_SIZE: u32 = 1000;
 const DEFAULT_PAGE_SIZE: u32 = 50;
 /// The longest `GetSaga.wait_ms` honoured.
 const MAX_WAIT: Duration = Duration::from_secs(60);
+/// Longest `correlation_id`: it travels in every participant call's metadata, where a few KB
+/// already exceed what servers accept.
+pub const MAX_CORRELATION_ID_BYTES: usize = 256;
+/// Longest `idempotency_key`.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 512;
+/// Longest `CancelSaga.reason`: it is stored in the log and shown in the saga.
+pub const MAX_REASON_BYTES: usize = 1024;
+/// Longest `saga_type`, also as a `ListSagas` filter; no definition name comes near it.
+const MAX_SAGA_TYPE_BYTES: usize = 256;
 
 /// The `sagad.v1.SagaOrchestrator` service.
 pub struct Api {
@@ -46,7 +56,9 @@ impl From<EngineError> for Status {
             EngineError::NotCancellable(_) => Status::failed_precondition(message),
             EngineError::VersionNotReached { .. } => Status::deadline_exceeded(message),
             EngineError::Contended(_) => Status::aborted(message),
-            EngineError::Store(_) => Status::unavailable(message),
+            // Data the edge let through yet the database refused is still the request's.
+            EngineError::Store(StoreError::Rejected(_)) => Status::invalid_argument(message),
+            EngineError::Store(_) | EngineError::ShuttingDown => Status::unavailable(message),
             EngineError::CorruptLog { .. } => Status::internal(message),
         }
     }
@@ -64,8 +76,20 @@ impl SagaOrchestrator for Api {
         if request.saga_type.is_empty() {
             return Err(Status::invalid_argument("saga_type is required"));
         }
+        check_text("saga_type", &request.saga_type, MAX_SAGA_TYPE_BYTES)?;
+        check_text(
+            "idempotency_key",
+            &request.idempotency_key,
+            MAX_IDEMPOTENCY_KEY_BYTES,
+        )?;
+        check_text(
+            "correlation_id",
+            &request.correlation_id,
+            MAX_CORRELATION_ID_BYTES,
+        )?;
         let input = match request.input {
-            Some(input) => struct_to_json(&input)?,
+            Some(input) => document::from_struct(&input, "input")
+                .map_err(|error| Status::invalid_argument(error.to_string()))?,
             None => Value::Object(Default::default()),
         };
         let started = self
@@ -80,7 +104,7 @@ impl SagaOrchestrator for Api {
         Ok(Response::new(pb::StartSagaResponse {
             saga_id: started.record.saga_id.to_string(),
             created: started.created,
-            saga: Some(saga_message(&started.record, Vec::new())?),
+            saga: Some(saga_message(&started.record, Vec::new())),
         }))
     }
 
@@ -96,7 +120,7 @@ impl SagaOrchestrator for Api {
             .get_saga(saga_id, request.min_version, wait)
             .await?;
         let history = self.engine.history(saga_id).await?;
-        Ok(Response::new(saga_message(&record, history)?))
+        Ok(Response::new(saga_message(&record, history)))
     }
 
     async fn list_sagas(
@@ -104,6 +128,7 @@ impl SagaOrchestrator for Api {
         request: Request<pb::ListSagasRequest>,
     ) -> Result<Response<pb::ListSagasResponse>, Status> {
         let request = request.into_inner();
+        check_text("saga_type", &request.saga_type, MAX_SAGA_TYPE_BYTES)?;
         if request.page_size > MAX_PAGE_SIZE {
             return Err(Status::invalid_argument(format!(
                 "page_size {} is over the limit of {MAX_PAGE_SIZE}",
@@ -145,7 +170,7 @@ impl SagaOrchestrator for Api {
         let sagas = records
             .iter()
             .map(|record| saga_message(record, Vec::new()))
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect();
         Ok(Response::new(pb::ListSagasResponse {
             sagas,
             next_page_token,
@@ -169,6 +194,7 @@ impl SagaOrchestrator for Api {
     ) -> Result<Response<pb::Saga>, Status> {
         let request = request.into_inner();
         let saga_id = parse_saga_id(&request.saga_id)?;
+        check_text("reason", &request.reason, MAX_REASON_BYTES)?;
         let reason = if request.reason.is_empty() {
             "cancelled by request".to_owned()
         } else {
@@ -176,7 +202,7 @@ impl SagaOrchestrator for Api {
         };
         let record = self.engine.cancel_saga(saga_id, &reason).await?;
         let history = self.engine.history(saga_id).await?;
-        Ok(Response::new(saga_message(&record, history)?))
+        Ok(Response::new(saga_message(&record, history)))
     }
 
     async fn retry_saga(
@@ -187,42 +213,55 @@ impl SagaOrchestrator for Api {
     }
 }
 
+/// A text field the store keeps or searches: no NUL character (Postgres refuses it), and no
+/// longer than `max` bytes.
+fn check_text(field: &str, value: &str, max: usize) -> Result<(), Status> {
+    if value.contains('\0') {
+        return Err(Status::invalid_argument(format!(
+            "{field} holds a NUL character, which cannot be stored"
+        )));
+    }
+    if value.len() > max {
+        return Err(Status::invalid_argument(format!(
+            "{field} is {} bytes, over the limit of {max}",
+            value.len()
+        )));
+    }
+    Ok(())
+}
+
 fn parse_saga_id(text: &str) -> Result<Uuid, Status> {
     if text.is_empty() {
         return Err(Status::invalid_argument("saga_id is required"));
     }
-    Uuid::parse_str(text)
-        .map_err(|_| Status::invalid_argument(format!("saga_id {text:?} is not a UUID")))
+    Uuid::parse_str(text).map_err(|_| {
+        Status::invalid_argument(format!("saga_id {:?} is not a UUID", shorten(text, 64)))
+    })
 }
 
 fn page_token(created_at: DateTime<Utc>, saga_id: Uuid) -> String {
     format!("{}.{}", created_at.timestamp_micros(), saga_id.simple())
 }
 
+/// A token this server made: the creation time of the page's last saga, in microseconds since
+/// 1970, and its id. The time must be one Postgres can compare (years 1970 to 9999).
 fn parse_page_token(token: &str) -> Result<ListCursor, Status> {
-    let invalid = || Status::invalid_argument(format!("page_token {token:?} is not valid"));
+    const LATEST_MICROS: i64 = 253_402_300_799_999_999;
+    let invalid = || {
+        Status::invalid_argument(format!(
+            "page_token {:?} is not a token this server gave",
+            shorten(token, 64)
+        ))
+    };
     let (micros, saga_id) = token.split_once('.').ok_or_else(invalid)?;
     let micros: i64 = micros.parse().map_err(|_| invalid())?;
+    if !(0..=LATEST_MICROS).contains(&micros) {
+        return Err(invalid());
+    }
     Ok(ListCursor {
         created_at: DateTime::from_timestamp_micros(micros).ok_or_else(invalid)?,
         saga_id: Uuid::parse_str(saga_id).map_err(|_| invalid())?,
     })
-}
-
-fn struct_to_json(input: &pbjson_types::Struct) -> Result<Value, Status> {
-    serde_json::to_value(input)
-        .map_err(|error| Status::invalid_argument(format!("input is not valid JSON: {error}")))
-}
-
-fn json_to_struct(value: &Value) -> Result<Option<pbjson_types::Struct>, Status> {
-    match value {
-        Value::Null => Ok(None),
-        Value::Object(_) => serde_json::from_value(value.clone())
-            .map(Some)
-            .map_err(|error| Status::internal(format!("cannot encode a document: {error}"))),
-        // A non-object document (an event's scalar field, say) is wrapped to fit a Struct.
-        other => json_to_struct(&serde_json::json!({ "value": other })),
-    }
 }
 
 fn timestamp(at: DateTime<Utc>) -> pbjson_types::Timestamp {
@@ -267,50 +306,44 @@ fn step_status_to_wire(status: StepStatus) -> pb::StepStatus {
     }
 }
 
-fn event_message(event: EventRecord) -> Result<pb::SagaEvent, Status> {
+fn event_message(event: EventRecord) -> pb::SagaEvent {
     let mut data = event.data;
     // The type is a field of its own on the wire.
     if let Value::Object(fields) = &mut data {
         fields.remove("type");
     }
-    Ok(pb::SagaEvent {
+    pb::SagaEvent {
         seq: event.seq,
         r#type: event.event_type,
         step: event.step.unwrap_or_default(),
-        data: json_to_struct(&data)?,
+        data: document::to_struct(&data),
         recorded_at: Some(timestamp(event.recorded_at)),
-    })
+    }
 }
 
-fn saga_message(record: &SagaRecord, history: Vec<EventRecord>) -> Result<pb::Saga, Status> {
+/// A saga as the client API shows it. Never fails: whatever the store holds can be shown.
+fn saga_message(record: &SagaRecord, history: Vec<EventRecord>) -> pb::Saga {
     let projection = &record.projection;
     let steps = projection
         .steps
         .iter()
-        .map(|step| {
-            Ok(pb::Step {
-                name: step.name.clone(),
-                participant: step.participant.clone(),
-                status: step_status_to_wire(step.status).into(),
-                attempts: step.attempts,
-                compensation_attempts: step.compensation_attempts,
-                last_error: step.last_error.clone().unwrap_or_default(),
-                output: step
-                    .output
-                    .as_ref()
-                    .map(json_to_struct)
-                    .transpose()?
-                    .flatten(),
-            })
+        .map(|step| pb::Step {
+            name: step.name.clone(),
+            participant: step.participant.clone(),
+            status: step_status_to_wire(step.status).into(),
+            attempts: step.attempts,
+            compensation_attempts: step.compensation_attempts,
+            last_error: step.last_error.clone().unwrap_or_default(),
+            output: step.output.as_ref().and_then(document::to_struct),
         })
-        .collect::<Result<Vec<_>, Status>>()?;
-    Ok(pb::Saga {
+        .collect();
+    pb::Saga {
         saga_id: record.saga_id.to_string(),
         saga_type: projection.saga_type.clone(),
         definition_version: projection.definition_version,
         status: saga_status_to_wire(projection.status).into(),
-        input: json_to_struct(&projection.input)?,
-        context: json_to_struct(&projection.context)?,
+        input: document::to_struct(&projection.input),
+        context: document::to_struct(&projection.context),
         failure_reason: projection.failure_reason.clone().unwrap_or_default(),
         steps,
         version: projection.version,
@@ -318,9 +351,6 @@ fn saga_message(record: &SagaRecord, history: Vec<EventRecord>) -> Result<pb::Sa
         idempotency_key: projection.idempotency_key.clone().unwrap_or_default(),
         created_at: Some(timestamp(record.created_at)),
         updated_at: Some(timestamp(record.updated_at)),
-        history: history
-            .into_iter()
-            .map(event_message)
-            .collect::<Result<Vec<_>, _>>()?,
-    })
+        history: history.into_iter().map(event_message).collect(),
+    }
 }

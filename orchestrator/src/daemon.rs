@@ -3,10 +3,12 @@
 //! tests call [`serve`] in-process.
 
 use std::future::Future;
+use std::time::Duration;
 
 use anyhow::Context;
 use sagad_proto::v1::saga_orchestrator_server::SagaOrchestratorServer;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 
 use crate::api::Api;
@@ -53,30 +55,53 @@ pub async fn serve(
         .build_v1alpha()?;
     tracing::info!(listen = %listener.local_addr()?, resumed, "sagad is serving");
 
-    let shutdown_health = health.clone();
     // Small replies go out at once: without nodelay, Nagle's algorithm holds them back for
     // the peer's delayed ACK (tens of milliseconds per call).
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
+    let stop_serving = CancellationToken::new();
+    let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(SagaOrchestratorServer::new(Api::new(engine.clone())))
-        .serve_with_incoming_shutdown(incoming, async move {
-            shutdown.await;
-            tracing::info!("shutting down: no new sagas; finishing calls in flight");
-            shutdown_health
-                .set_not_serving::<SagaOrchestratorServer<Api>>()
-                .await;
-        })
-        .await?;
+        .serve_with_incoming_shutdown(incoming, stop_serving.clone().cancelled_owned());
+    tokio::pin!(server);
+    tokio::select! {
+        served = &mut server => {
+            // The server ended without being asked: stop the rest too.
+            engine.shutdown(Duration::ZERO).await;
+            return served.context("--listen");
+        }
+        () = shutdown => {}
+    }
 
-    engine.shutdown(config.shutdown_grace).await;
+    // Everything below ends within the grace period, whatever is stuck.
+    let deadline = tokio::time::Instant::now() + config.shutdown_grace;
+    tracing::info!("shutting down: no new sagas; finishing calls in flight");
+    health
+        .set_not_serving::<SagaOrchestratorServer<Api>>()
+        .await;
+    // Long-polls end now, so the server's drain does not wait for them, while the engine
+    // lets the calls in flight finish.
+    engine.stop_taking_work();
+    stop_serving.cancel();
+    let (served, drained) = tokio::join!(
+        tokio::time::timeout_at(deadline, &mut server),
+        tokio::time::timeout_at(deadline, engine.shutdown(config.shutdown_grace)),
+    );
+    match served {
+        Ok(served) => served.context("--listen")?,
+        Err(_) => tracing::warn!("requests still open at the end of the grace period are dropped"),
+    }
+    if drained.is_err() {
+        tracing::warn!(
+            "the engine did not stop within the grace period; its sagas are taken over once the lease expires"
+        );
+    }
     drop(engine);
-    // The writer ends once the last handle is gone; a driver stuck past the grace period must
-    // not hold the exit.
-    let _ = tokio::time::timeout(config.shutdown_grace, writer_task).await;
-    store.close().await;
+    // The writer ends once the last handle is gone.
+    let _ = tokio::time::timeout_at(deadline, writer_task).await;
+    let _ = tokio::time::timeout_at(deadline, store.close()).await;
     tracing::info!("sagad stopped");
     Ok(())
 }

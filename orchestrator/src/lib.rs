@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod definition;
+pub mod document;
 pub mod engine;
 pub mod saga;
 pub mod store;

@@ -8,16 +8,22 @@ use std::time::Duration;
 use chrono::Utc;
 use sagad_proto::participant::v1::StepCommand;
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::lease::Tenure;
 use super::participants::Call;
 use super::{Engine, projection};
+use crate::document;
 use crate::saga::{Command, CommandKind, Decision, Event, Outcome, Saga};
-use crate::store::{Fence, SagaWrite, WriteOutcome};
+use crate::store::{Fence, SagaWrite, StoreError, WriteOutcome};
 
 /// How long a driver waits before trying again when the database fails it.
 const STORE_RETRY_DELAY: Duration = Duration::from_secs(1);
+
+/// The largest context (the input and every output, as JSON) a saga may build up: sent with
+/// every call, it must stay well within what a participant accepts in one message.
+pub(super) const MAX_CONTEXT_BYTES: usize = 2 * 1024 * 1024;
 
 pub(super) async fn drive(engine: &Engine, mut saga: Saga, bell: &Notify, tenure: &Tenure) {
     let shutdown = &engine.inner.shutdown;
@@ -38,7 +44,7 @@ pub(super) async fn drive(engine: &Engine, mut saga: Saga, bell: &Notify, tenure
                     () = shutdown.cancelled() => return,
                     () = lost.cancelled() => return,
                 }
-                match load_retrying(engine, saga.id).await {
+                match load_retrying(engine, saga.id, lost).await {
                     Some(fresh) => saga = fresh,
                     None => return,
                 }
@@ -55,13 +61,24 @@ pub(super) async fn drive(engine: &Engine, mut saga: Saga, bell: &Notify, tenure
                 // A call in flight is allowed to finish at shutdown (it is bounded by the step's
                 // timeout); a cancellation interrupts it, and the step is compensated. A ring
                 // that finds the log unchanged (a repeated or spurious one) leaves the call be.
-                let in_flight = engine.inner.participants.call(call);
+                // The tenure is asked again once the call holds its permit, right before it
+                // goes out: the wait for a permit may have outlasted the lease.
+                let in_flight = engine
+                    .inner
+                    .participants
+                    .call(call, || engine.inner.lease.holds(tenure));
                 tokio::pin!(in_flight);
                 let outcome = loop {
                     tokio::select! {
-                        outcome = &mut in_flight => break Some(outcome),
+                        outcome = &mut in_flight => match outcome {
+                            Some(outcome) => break Some(outcome),
+                            None => {
+                                tracing::info!(saga_id = %saga.id, "lease no longer trusted; letting the saga go");
+                                return;
+                            }
+                        },
                         () = lost.cancelled() => return,
-                        () = bell.notified() => match load_retrying(engine, saga.id).await {
+                        () = bell.notified() => match load_retrying(engine, saga.id, lost).await {
                             Some(fresh) if fresh.version == saga.version => {}
                             Some(fresh) => {
                                 saga = fresh;
@@ -75,14 +92,33 @@ pub(super) async fn drive(engine: &Engine, mut saga: Saga, bell: &Notify, tenure
                     continue;
                 };
                 record_call_metrics(&participant, command.kind, &outcome, started.elapsed());
+                let outcome = within_context_limit(&saga, outcome);
                 saga.record_outcome(command, outcome, Utc::now(), fastrand::f64())
             }
         };
-        match commit(engine, &saga, events, tenure.replica_id).await {
+        match commit(engine, &saga, events, tenure).await {
             Some(next) => saga = next,
             None => return,
         }
     }
+}
+
+/// A success whose output would grow the saga's context past [`MAX_CONTEXT_BYTES`] is rejected
+/// like any output sagad cannot keep.
+fn within_context_limit(saga: &Saga, outcome: Outcome) -> Outcome {
+    let Outcome::Success { output } = &outcome else {
+        return outcome;
+    };
+    let size = document::size_of(&saga.context()).saturating_add(document::size_of(output));
+    if size > MAX_CONTEXT_BYTES {
+        return Outcome::OutputRejected {
+            error: format!(
+                "output: with it the saga's context would be {size} bytes, over the limit of \
+                 {MAX_CONTEXT_BYTES}"
+            ),
+        };
+    }
+    outcome
 }
 
 fn prepare_call(saga: &Saga, command: Command) -> Call {
@@ -114,7 +150,7 @@ fn record_call_metrics(participant: &str, kind: CommandKind, outcome: &Outcome, 
         CommandKind::Compensate => "compensate",
     };
     let outcome = match outcome {
-        Outcome::Success { .. } => "success",
+        Outcome::Success { .. } | Outcome::OutputRejected { .. } => "success",
         Outcome::Refused { .. } => "refused",
         Outcome::Transient { .. } => "transient",
     };
@@ -137,16 +173,13 @@ fn record_call_metrics(participant: &str, kind: CommandKind, outcome: &Outcome, 
 /// Appends `events` and returns the saga after them; after a conflict or a database failure,
 /// the saga as the log has it. `None`: stop driving (fenced off, shutdown, or a log that cannot
 /// be read).
-async fn commit(
-    engine: &Engine,
-    saga: &Saga,
-    events: Vec<Event>,
-    replica_id: Uuid,
-) -> Option<Saga> {
+async fn commit(engine: &Engine, saga: &Saga, events: Vec<Event>, tenure: &Tenure) -> Option<Saga> {
+    let replica_id = tenure.replica_id;
     let mut next = saga.clone();
     for event in &events {
         if let Err(error) = next.apply(event) {
             tracing::error!(saga_id = %saga.id, %error, "the core produced an event it cannot apply");
+            engine.abandon(saga.id);
             return None;
         }
     }
@@ -170,10 +203,17 @@ async fn commit(
             }
             Some(next)
         }
-        Ok(WriteOutcome::Conflict) => load_retrying(engine, saga.id).await,
+        Ok(WriteOutcome::Conflict) => load_retrying(engine, saga.id, &tenure.lost).await,
         Ok(WriteOutcome::Fenced) => {
             tracing::info!(saga_id = %saga.id, %replica_id, "fenced off: another replica has the saga");
             metrics::counter!("sagad_writes_fenced_total").increment(1);
+            None
+        }
+        // Everything the events carry was checked on its way in; should the database still
+        // refuse them, retrying cannot help. The saga is left as it is, and said so.
+        Err(error @ StoreError::Rejected(_)) => {
+            tracing::error!(saga_id = %saga.id, %error, "the database refused the saga's events; it is no longer driven");
+            engine.abandon(saga.id);
             None
         }
         Err(error) => {
@@ -181,26 +221,36 @@ async fn commit(
             tokio::select! {
                 () = tokio::time::sleep(STORE_RETRY_DELAY) => {}
                 () = engine.inner.shutdown.cancelled() => return None,
+                () = tenure.lost.cancelled() => return None,
             }
-            load_retrying(engine, saga.id).await
+            load_retrying(engine, saga.id, &tenure.lost).await
         }
     }
 }
 
-/// The saga as its log has it now, retrying while the database fails.
-pub(super) async fn load_retrying(engine: &Engine, saga_id: Uuid) -> Option<Saga> {
+/// The saga as its log has it now, retrying while the database fails. `None`: stop driving
+/// (shutdown, the tenure lost, or a log that cannot be read).
+pub(super) async fn load_retrying(
+    engine: &Engine,
+    saga_id: Uuid,
+    lost: &CancellationToken,
+) -> Option<Saga> {
     loop {
         match engine.load(saga_id).await {
             Ok(fresh) => return Some(fresh),
-            Err(super::EngineError::Store(error)) => {
+            Err(super::EngineError::Store(error))
+                if !matches!(error, StoreError::CorruptLog { .. }) =>
+            {
                 tracing::warn!(%saga_id, %error, "cannot read the saga log; will retry");
                 tokio::select! {
                     () = tokio::time::sleep(STORE_RETRY_DELAY) => {}
                     () = engine.inner.shutdown.cancelled() => return None,
+                    () = lost.cancelled() => return None,
                 }
             }
             Err(error) => {
-                tracing::error!(%saga_id, %error, "cannot resume saga");
+                tracing::error!(%saga_id, %error, "cannot resume saga; it is no longer driven");
+                engine.abandon(saga_id);
                 return None;
             }
         }

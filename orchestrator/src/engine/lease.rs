@@ -105,6 +105,14 @@ impl Lease {
         true
     }
 
+    /// When the current tenure stops being trusted, unless a renewal gets through first.
+    pub(super) fn trusted_until(&self) -> Instant {
+        match self.current.lock() {
+            Ok(current) => current.trusted_until,
+            Err(poisoned) => poisoned.into_inner().trusted_until,
+        }
+    }
+
     /// The renewal of `replica_id` that began at `since` succeeded.
     pub(super) fn renewed(&self, replica_id: Uuid, since: Instant) {
         if let Ok(mut current) = self.current.lock()
@@ -119,12 +127,6 @@ impl Lease {
         let tenure = self.tenure();
         tenure.lost.cancel();
         tenure.replica_id
-    }
-
-    /// Has the current tenure been lost, or outlived its trust?
-    pub(super) fn is_lost(&self) -> bool {
-        let tenure = self.tenure();
-        !self.holds(&tenure)
     }
 
     /// Starts a new tenure under `replica_id`, registered at `since`.
@@ -167,7 +169,6 @@ mod tests {
         assert!(lease.holds(&tenure), "renewed 3 s ago, trusted for 4 s");
         tokio::time::advance(Duration::from_millis(1_100)).await;
         assert!(!lease.holds(&tenure), "4.1 s after the last renewal");
-        assert!(lease.is_lost());
         assert!(
             tenure.lost.is_cancelled(),
             "outliving the trust ends the tenure"

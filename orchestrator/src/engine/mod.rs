@@ -9,7 +9,7 @@ mod lease;
 mod participants;
 mod takeover;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -22,6 +22,7 @@ use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::definition::DefinitionSet;
+use crate::document::{self, shorten};
 use crate::saga::{CannotCancel, Event, Saga};
 use crate::store::{
     EventRecord, Fence, ListFilter, Projection, SagaRecord, SagaWrite, Store, StoreError,
@@ -60,6 +61,8 @@ pub enum EngineError {
     Store(#[from] StoreError),
     #[error("corrupt saga log for {saga_id}: {message}")]
     CorruptLog { saga_id: Uuid, message: String },
+    #[error("sagad is shutting down; try another replica or again later")]
+    ShuttingDown,
 }
 
 /// A request to start a saga, as the API parsed it.
@@ -93,6 +96,9 @@ struct Inner {
     lease: Lease,
     /// The sagas driven by this instance.
     drivers: Mutex<HashMap<Uuid, Driven>>,
+    /// Sagas whose driver gave up on a log it cannot carry on (said in the log at the time):
+    /// the sweep does not start them again and again.
+    abandoned: Mutex<HashSet<Uuid>>,
     /// Rung to make the sweep for orphaned sagas run now.
     sweep_now: Notify,
     shutdown: CancellationToken,
@@ -131,6 +137,7 @@ impl Engine {
                 participants,
                 lease: Lease::new(timing, replica_id, since),
                 drivers: Mutex::new(HashMap::new()),
+                abandoned: Mutex::new(HashSet::new()),
                 sweep_now: Notify::new(),
                 shutdown: CancellationToken::new(),
                 tasks: TaskTracker::new(),
@@ -144,11 +151,14 @@ impl Engine {
 
     /// Records a new saga durably and starts driving it; answers only after the commit.
     pub async fn start_saga(&self, request: StartRequest) -> Result<Started, EngineError> {
+        if self.inner.shutdown.is_cancelled() {
+            return Err(EngineError::ShuttingDown);
+        }
         let definition = self
             .inner
             .definitions
             .newest(&request.saga_type)
-            .ok_or_else(|| EngineError::UnknownSagaType(request.saga_type.clone()))?;
+            .ok_or_else(|| EngineError::UnknownSagaType(shorten(&request.saga_type, 100)))?;
         validate_input(&request.input, &definition.required_input)?;
         let key = request.idempotency_key.clone();
         if !key.is_empty()
@@ -178,6 +188,25 @@ impl Engine {
             saga_id,
             message: error.to_string(),
         })?;
+        // From here on the work runs in a task of its own, which the request only waits for:
+        // a client that goes away once the write is queued must not leave a saga recorded
+        // with nobody to drive it.
+        let engine = self.clone();
+        self.inner
+            .tasks
+            .spawn(async move { engine.record_start(saga, started, request).await })
+            .await
+            .map_err(|_| EngineError::ShuttingDown)?
+    }
+
+    /// Commits a new saga's first event and starts its driver.
+    async fn record_start(
+        &self,
+        saga: Saga,
+        started: Event,
+        request: StartRequest,
+    ) -> Result<Started, EngineError> {
+        let saga_id = saga.id;
         let tenure = self.inner.lease.tenure();
         let write = SagaWrite {
             saga_id,
@@ -209,7 +238,7 @@ impl Engine {
                 let existing = self
                     .inner
                     .store
-                    .find_by_idempotency_key(&request.saga_type, &key)
+                    .find_by_idempotency_key(&request.saga_type, &request.idempotency_key)
                     .await?
                     .ok_or(EngineError::Contended(saga_id))?;
                 same_start(existing, &request)
@@ -238,12 +267,18 @@ impl Engine {
                 return Ok(record);
             }
             // Woken by this instance's commits; the short tick covers writes by other instances.
+            // At shutdown the wait ends at once: the client is told to ask another replica.
+            if self.inner.shutdown.is_cancelled() {
+                return Err(EngineError::ShuttingDown);
+            }
+            let shutdown = self.inner.shutdown.clone();
             let woken = tokio::time::timeout_at(deadline, async {
                 let tick = tokio::time::sleep(Duration::from_millis(250));
                 tokio::pin!(tick);
                 loop {
                     tokio::select! {
                         () = &mut tick => return,
+                        () = shutdown.cancelled() => return,
                         announced = committed.recv() => match announced {
                             Ok((id, _)) if id != saga_id => {}
                             // The writer has stopped (shutdown): only the tick is left.
@@ -305,11 +340,22 @@ impl Engine {
                 events,
                 projection: projection(&next),
             };
-            match self.inner.writer.write(write).await? {
-                WriteOutcome::Written => {
-                    self.ring(saga_id);
-                    break;
-                }
+            // In a task of its own, like a start: a cancel recorded is a cancel heard.
+            let engine = self.clone();
+            let written = self
+                .inner
+                .tasks
+                .spawn(async move {
+                    let outcome = engine.inner.writer.write(write).await;
+                    if matches!(outcome, Ok(WriteOutcome::Written)) {
+                        engine.ring(saga_id);
+                    }
+                    outcome
+                })
+                .await
+                .map_err(|_| EngineError::ShuttingDown)??;
+            match written {
+                WriteOutcome::Written => break,
                 // The driver recorded an outcome first: read again and decide again.
                 WriteOutcome::Conflict | WriteOutcome::Fenced => tokio::task::yield_now().await,
             }
@@ -326,11 +372,17 @@ impl Engine {
         Ok(record)
     }
 
-    /// Stops driving: no new calls start; calls in flight finish and are recorded, for up to
-    /// `drain`. Then the replica lets its sagas go, so another replica (or the next start) takes
-    /// them over at once instead of after the lease.
-    pub async fn shutdown(&self, drain: Duration) {
+    /// Stops taking work, at once: no new saga is started, no new call is made, and waits
+    /// for a saga's version end now (answered UNAVAILABLE).
+    pub fn stop_taking_work(&self) {
         self.inner.shutdown.cancel();
+    }
+
+    /// Stops taking work ([`Engine::stop_taking_work`]) and lets the calls in flight finish and
+    /// be recorded, for up to `drain`. Then the replica lets its sagas go, so another replica (or
+    /// the next start) takes them over at once instead of after the lease.
+    pub async fn shutdown(&self, drain: Duration) {
+        self.stop_taking_work();
         self.inner.tasks.close();
         self.inner.background.close();
         if tokio::time::timeout(drain, self.inner.tasks.wait())
@@ -370,10 +422,13 @@ impl Engine {
         })
     }
 
-    /// Claims what no live replica drives and drives it. Returns how many sagas it claimed.
+    /// Claims what no live replica drives and drives it, and drives what this replica owns
+    /// with no driver. Returns how many sagas it started driving.
     async fn take_over_orphans(&self) -> Result<usize, EngineError> {
         /// Claimed per sweep, so replicas sweeping at once share the work.
         const CLAIM_BATCH: u32 = 64;
+        /// Looked at per sweep among this replica's overdue sagas, most of them driven.
+        const OVERDUE_BATCH: u32 = 256;
         let tenure = self.inner.lease.tenure();
         if !self.inner.lease.holds(&tenure) {
             return Ok(0);
@@ -391,7 +446,47 @@ impl Engine {
         for saga_id in &claimed {
             self.drive_claimed(*saga_id, tenure.clone());
         }
-        Ok(claimed.len())
+
+        // The safety net: a saga this replica owns is driven here, whatever happened to the
+        // request or the task that was to start its driver.
+        let overdue = self
+            .inner
+            .store
+            .owned_overdue(tenure.replica_id, horizon, OVERDUE_BATCH)
+            .await?;
+        let undriven: Vec<Uuid> = {
+            let (Ok(drivers), Ok(abandoned)) =
+                (self.inner.drivers.lock(), self.inner.abandoned.lock())
+            else {
+                return Ok(claimed.len());
+            };
+            overdue
+                .into_iter()
+                .filter(|saga_id| {
+                    !abandoned.contains(saga_id)
+                        && drivers
+                            .get(saga_id)
+                            .is_none_or(|driven| driven.replica_id != tenure.replica_id)
+                })
+                .collect()
+        };
+        if !undriven.is_empty() {
+            tracing::warn!(
+                sagas = undriven.len(),
+                "driving sagas of this replica that had no driver"
+            );
+        }
+        for saga_id in &undriven {
+            self.drive_claimed(*saga_id, tenure.clone());
+        }
+        Ok(claimed.len() + undriven.len())
+    }
+
+    /// Marks a saga whose driver gave up on it, so the sweep leaves it be.
+    fn abandon(&self, saga_id: Uuid) {
+        if let Ok(mut abandoned) = self.inner.abandoned.lock() {
+            abandoned.insert(saga_id);
+        }
     }
 
     /// Interrupts the saga's driver, if this replica drives it, so it reads the log again.
@@ -428,8 +523,9 @@ impl Engine {
     /// Drives a saga just claimed, reading its log first.
     fn drive_claimed(&self, saga_id: Uuid, tenure: Tenure) {
         let engine = self.clone();
+        let lost = tenure.lost.clone();
         self.spawn_driver(saga_id, tenure, async move {
-            driver::load_retrying(&engine, saga_id).await
+            driver::load_retrying(&engine, saga_id, &lost).await
         });
     }
 
@@ -502,18 +598,12 @@ fn validate_input(input: &Value, required: &[String]) -> Result<(), EngineError>
             "input must be an object".to_owned(),
         ));
     };
-    let size = serde_json::to_vec(input)
-        .map_err(|error| EngineError::InvalidInput(error.to_string()))?
-        .len();
-    if size > MAX_INPUT_BYTES {
-        return Err(EngineError::InvalidInput(format!(
-            "input is {size} bytes, over the limit of {MAX_INPUT_BYTES}"
-        )));
-    }
+    document::check_size(input, MAX_INPUT_BYTES, "input")
+        .map_err(|error| EngineError::InvalidInput(error.to_string()))?;
     for field in required {
         if fields.get(field).is_none_or(Value::is_null) {
             return Err(EngineError::InvalidInput(format!(
-                "missing required field {field:?}"
+                "input.{field}: missing, and the saga type requires it"
             )));
         }
     }
@@ -529,7 +619,7 @@ fn same_start(existing: SagaRecord, request: &StartRequest) -> Result<Started, E
         })
     } else {
         Err(EngineError::IdempotencyKeyReused {
-            key: request.idempotency_key.clone(),
+            key: shorten(&request.idempotency_key, 100),
             saga_id: existing.saga_id,
         })
     }

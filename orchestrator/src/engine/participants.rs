@@ -1,18 +1,32 @@
 //! Calls to participant services: one lazily connected channel per participant, a concurrency
 //! limit per participant, the step's timeout, and the contract's classification of outcomes.
+//! A call that cannot even be sent is refused here with the reason, not retried for ever; an
+//! output sagad cannot keep is rejected here, as it arrives.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use prost::Message as _;
 use sagad_proto::participant::v1::participant_client::ParticipantClient;
 use sagad_proto::participant::v1::{StepCommand, step_reply};
 use serde_json::Value;
 use tokio::sync::Semaphore;
+use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request};
 
+use crate::document;
 use crate::saga::Outcome;
+
+/// The largest command sent: what gRPC servers accept by default.
+const MAX_COMMAND_BYTES: usize = 4 * 1024 * 1024;
+/// The largest step output kept, as JSON.
+const MAX_OUTPUT_BYTES: usize = 256 * 1024;
+/// The largest reply read; a larger one is rejected without being read whole.
+const MAX_REPLY_BYTES: usize = 64 * 1024 * 1024;
+/// The code of a refusal made by sagad itself, for a call it could not send.
+const NOT_SENT: &str = "NOT_SENT";
 
 /// A participant named in the definitions without a usable address.
 #[derive(Debug, thiserror::Error)]
@@ -64,7 +78,8 @@ impl Participants {
             by_name.insert(
                 name.clone(),
                 Participant {
-                    client: ParticipantClient::new(endpoint.connect_lazy()),
+                    client: ParticipantClient::new(endpoint.connect_lazy())
+                        .max_decoding_message_size(MAX_REPLY_BYTES),
                     permits: Arc::new(Semaphore::new(concurrency_per_participant.max(1))),
                 },
             );
@@ -74,28 +89,39 @@ impl Participants {
         })
     }
 
-    /// Makes one call and classifies what came back. Never fails: an unreachable participant or
-    /// a timeout is a transient outcome.
-    pub async fn call(&self, call: Call) -> Outcome {
+    /// Makes one call and classifies what came back: an unreachable participant or a timeout
+    /// is a transient outcome, a call that cannot be sent a refusal. `may_send` is asked once
+    /// a call permit is held, right before sending (a wait for a permit can be long);
+    /// `None`: it said no, and nothing was sent.
+    pub async fn call(&self, call: Call, may_send: impl FnOnce() -> bool) -> Option<Outcome> {
         let Some(participant) = self.by_name.get(&call.participant) else {
-            return Outcome::Transient {
-                error: format!("participant {:?} has no address", call.participant),
-            };
+            return Some(not_sent(format!(
+                "participant {:?} has no address (give it with --participant)",
+                call.participant
+            )));
         };
+        let size = call.command.encoded_len();
+        if size > MAX_COMMAND_BYTES {
+            return Some(not_sent(format!(
+                "the command is {size} bytes, over the {MAX_COMMAND_BYTES} a participant accepts"
+            )));
+        }
         let Ok(_permit) = participant.permits.acquire().await else {
-            return Outcome::Transient {
+            return Some(Outcome::Transient {
                 error: "participant limiter closed".to_owned(),
-            };
+            });
         };
+        if !may_send() {
+            return None;
+        }
         let mut request = Request::new(call.command.clone());
         request.set_timeout(call.timeout);
         let metadata = request.metadata_mut();
-        if let Ok(value) = call.command.saga_id.parse() {
-            metadata.insert("x-saga-id", value);
-        }
-        if let Ok(value) = call.command.correlation_id.parse() {
-            metadata.insert("x-correlation-id", value);
-        }
+        metadata.insert("x-saga-id", header_value(&call.command.saga_id));
+        metadata.insert(
+            "x-correlation-id",
+            header_value(&call.command.correlation_id),
+        );
         let mut client = participant.client.clone();
         let started = tokio::time::Instant::now();
         let reply = if call.compensate {
@@ -103,7 +129,7 @@ impl Participants {
         } else {
             tokio::time::timeout(call.timeout, client.execute(request)).await
         };
-        match reply {
+        Some(match reply {
             Err(_) => Outcome::Transient {
                 error: format!(
                     "timed out after {}",
@@ -122,24 +148,74 @@ impl Participants {
                     ),
                 }
             }
+            // Our own decoder's limit: the participant answered, with more than sagad reads.
+            Ok(Err(status))
+                if status.code() == Code::OutOfRange
+                    && status
+                        .message()
+                        .starts_with("Error, decoded message length too large") =>
+            {
+                Outcome::OutputRejected {
+                    error: format!("the reply is over {MAX_REPLY_BYTES} bytes"),
+                }
+            }
             Ok(Err(status)) => classify_status(&status),
             Ok(Ok(reply)) => match reply.into_inner().result {
-                Some(step_reply::Result::Success(success)) => Outcome::Success {
-                    output: success
-                        .output
-                        .and_then(|output| serde_json::to_value(output).ok())
-                        .unwrap_or_else(|| Value::Object(Default::default())),
+                // A compensation's output is not kept.
+                Some(step_reply::Result::Success(_)) if call.compensate => Outcome::Success {
+                    output: Value::Object(Default::default()),
+                },
+                Some(step_reply::Result::Success(success)) => match success.output {
+                    None => Outcome::Success {
+                        output: Value::Object(Default::default()),
+                    },
+                    Some(output) => accept_output(&output),
                 },
                 Some(step_reply::Result::Failure(failure)) => Outcome::Refused {
-                    code: failure.code,
-                    reason: failure.reason,
+                    code: storable(&failure.code),
+                    reason: storable(&failure.reason),
                 },
                 None => Outcome::Transient {
                     error: "the participant replied with neither success nor failure".to_owned(),
                 },
             },
+        })
+    }
+}
+
+/// A step's output, if sagad can keep it: checked as a saga's input is.
+fn accept_output(output: &pbjson_types::Struct) -> Outcome {
+    let checked = document::from_struct(output, "output").and_then(|output| {
+        document::check_size(&output, MAX_OUTPUT_BYTES, "output")?;
+        Ok(output)
+    });
+    match checked {
+        Ok(output) => Outcome::Success { output },
+        Err(error) => Outcome::OutputRejected {
+            error: error.to_string(),
+        },
+    }
+}
+
+fn not_sent(reason: String) -> Outcome {
+    Outcome::Refused {
+        code: NOT_SENT.to_owned(),
+        reason,
+    }
+}
+
+/// A metadata value that is always valid: visible ASCII stays as it is, any other byte is
+/// percent-encoded (`%XX`), as is `%` itself.
+fn header_value(text: &str) -> MetadataValue<tonic::metadata::Ascii> {
+    let mut encoded = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if (0x20..0x7f).contains(&byte) && byte != b'%' {
+            encoded.push(char::from(byte));
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
         }
     }
+    MetadataValue::try_from(encoded.as_str()).unwrap_or_else(|_| MetadataValue::from_static(""))
 }
 
 /// The contract: these codes mean the call may be retried; any other is a refusal.
@@ -153,13 +229,19 @@ fn classify_status(status: &tonic::Status) -> Outcome {
             | Code::Internal
             | Code::Unknown
     );
-    let message = format!("{:?}: {}", status.code(), status.message());
+    let message = format!("{:?}: {}", status.code(), storable(status.message()));
     if transient {
         Outcome::Transient { error: message }
     } else {
         Outcome::Refused {
             code: format!("GRPC_{:?}", status.code()).to_uppercase(),
-            reason: status.message().to_owned(),
+            reason: storable(status.message()),
         }
     }
+}
+
+/// A participant's text as the log can keep it: without NUL characters (Postgres refuses
+/// them) and at most 1024 characters.
+fn storable(text: &str) -> String {
+    document::shorten(&text.replace('\0', "\\0"), 1024)
 }

@@ -18,21 +18,33 @@ pub(super) fn spawn_background(engine: &Engine) {
     background.spawn(follow_requests(engine.clone()));
 }
 
-/// Renews the lease on time. A lease the database refused to renew, or that this side stopped
-/// trusting (no renewal got through in time), is lost for good: its drivers stop, and the
-/// replica registers again under a new id and sweeps at once.
+/// Renews the lease on time, on a connection of its own. It is also the lease's timer: a lease
+/// the database refused to renew, or that this side stopped trusting (no renewal got through
+/// in time), is dropped the moment its trust ends, whoever is waiting for what. A lost lease
+/// is lost for good: its drivers stop, and the replica registers again under a new id and
+/// sweeps at once.
 async fn keep_lease(engine: Engine) {
     let inner = &engine.inner;
     let timing = inner.lease.timing();
     loop {
+        let tenure = inner.lease.tenure();
         tokio::select! {
             () = tokio::time::sleep(timing.renew_every()) => {}
+            // A renewal that failed leaves less trust than one renewal period.
+            () = tokio::time::sleep_until(inner.lease.trusted_until()) => {}
+            () = tenure.lost.cancelled() => {}
             () = inner.shutdown.cancelled() => return,
         }
-        if !inner.lease.is_lost() {
-            let replica_id = inner.lease.tenure().replica_id;
+        if inner.lease.holds(&tenure) {
+            let replica_id = tenure.replica_id;
             let since = Instant::now();
-            match inner.store.renew_lease(replica_id, timing.ttl).await {
+            // A renewal that comes back after the trust ended is of no use: give up then.
+            let within = inner.lease.trusted_until().saturating_duration_since(since);
+            match inner
+                .store
+                .renew_lease(replica_id, timing.ttl, within)
+                .await
+            {
                 Ok(true) => {
                     inner.lease.renewed(replica_id, since);
                     continue;
@@ -40,7 +52,7 @@ async fn keep_lease(engine: Engine) {
                 Ok(false) => tracing::warn!(%replica_id, "the lease expired before it was renewed"),
                 Err(error) => {
                     tracing::warn!(%replica_id, %error, "cannot renew the lease; will retry");
-                    if !inner.lease.is_lost() {
+                    if inner.lease.holds(&tenure) {
                         continue;
                     }
                 }
