@@ -1,18 +1,24 @@
 //! Saga definitions: the `*.toml` files of the definitions folder (`--defs`), parsed into
-//! [`SagaDefinition`]s and validated once at start, and the retry schedule of a step
-//! ([`RetryPolicy::delay_after`]).
+//! [`SagaDefinition`]s and validated once at start, the retry schedule of a step
+//! ([`RetryPolicy::delay_after`]), and the check of a saga's input against the JSON Schema its
+//! definition may give ([`DefinitionSet::check_input`]).
 //!
-//! This module does no IO besides reading that folder: no clock, no randomness (the caller draws
-//! the jitter sample), no network. Every error is a [`DefinitionError`], one line naming the file
-//! and the field, because sagad exits on it and an operator has to find and fix the file.
+//! This module does no IO besides reading that folder (the definitions and the schema files
+//! beside them): no clock, no randomness (the caller draws the jitter sample), no network, and a
+//! schema's `$ref` is never fetched. Every error is a [`DefinitionError`], one line naming the
+//! file and the field, because sagad exits on it and an operator has to find and fix the file.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::io;
+use std::path::{Component, Path};
 use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
+use jsonschema::error::ValidationErrorKind;
+use jsonschema::{Draft, ValidationError, Validator};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 /// Timeout of a step when neither the step nor `[defaults]` sets one.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -29,6 +35,13 @@ const MAX_SCHEDULE_STEPS: u32 = 100_000;
 /// The `file` of errors about definitions that did not come from a file.
 #[cfg(test)]
 const MEMORY_FILE: &str = "<memory>";
+/// Longest echo of an input value or a property name in an error, in characters: a huge input
+/// must not make a huge error.
+const ECHO_LIMIT: usize = 100;
+/// Longest `field` or `message` of an [`InputMismatch`], in characters.
+const MISMATCH_TEXT_LIMIT: usize = 300;
+/// The key of a definition file that holds its input schema, and the root of its errors' fields.
+const SCHEMA_FIELD: &str = "input_schema";
 
 /// Where a saga type is defined; loaded once at start.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -39,6 +52,11 @@ pub struct SagaDefinition {
     pub version: u32,
     /// Top-level input fields that must be present (and not null).
     pub required_input: Vec<String>,
+    /// A JSON Schema the input must match ([`DefinitionSet::check_input`]); `None`: any input.
+    /// Part of the snapshot, so a saga keeps the schema it started with; left out of snapshots
+    /// without one, and absent from those written before schemas existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_schema: Option<Value>,
     /// At least one; run in this order, compensated in reverse.
     pub steps: Vec<StepDefinition>,
 }
@@ -169,12 +187,39 @@ fn scale(d: Duration, factor: f64) -> Duration {
 }
 
 impl SagaDefinition {
-    /// Parses and validates one definition file's text; `file` names it in errors.
+    /// Parses and validates one definition file's text; `file` names it in errors, and a schema
+    /// file named by `input_schema` is read from the folder of `file`.
     pub fn from_toml_str(text: &str, file: &str) -> Result<SagaDefinition, DefinitionError> {
-        let raw: RawFile = toml::from_str(text).map_err(|err| toml_error(file, text, &err))?;
-        let definition = raw.resolve().map_err(|err| err.in_file(file))?;
-        definition.check().map_err(|err| err.in_file(file))?;
-        Ok(definition)
+        let folder = Path::new(file).parent().unwrap_or(Path::new("."));
+        Self::parse(text, file, folder).map(|(definition, _)| definition)
+    }
+
+    /// Parses and validates one definition file's text, and compiles its input schema (read from
+    /// `folder` when the file names a schema file).
+    fn parse(
+        text: &str,
+        file: &str,
+        folder: &Path,
+    ) -> Result<(SagaDefinition, Option<Arc<Validator>>), DefinitionError> {
+        let mut raw: RawFile = toml::from_str(text).map_err(|err| toml_error(file, text, &err))?;
+        let schema = raw.input_schema.take();
+        let mut definition = raw.resolve().map_err(|err| err.in_file(file))?;
+        let mut schema_file = None;
+        if let Some(schema) = schema {
+            let (value, from) = load_schema(schema, folder).map_err(|err| err.in_file(file))?;
+            definition.input_schema = Some(value);
+            schema_file = from;
+        }
+        let validator = definition.check().map_err(|mut err| {
+            // The field is a path in the schema file: say which file that is.
+            if let Some(name) = &schema_file
+                && err.field.starts_with(SCHEMA_FIELD)
+            {
+                err.message = format!("{} (in {name})", err.message);
+            }
+            err.in_file(file)
+        })?;
+        Ok((definition, validator))
     }
 
     #[cfg(test)]
@@ -183,8 +228,9 @@ impl SagaDefinition {
         self.steps.iter().find(|step| step.name == name)
     }
 
-    /// Every rule of the file format that a parsed definition can still break, in file order.
-    fn check(&self) -> Result<(), FieldError> {
+    /// Every rule of the file format that a parsed definition can still break, in file order;
+    /// returns the compiled input schema, if the definition has one.
+    fn check(&self) -> Result<Option<Arc<Validator>>, FieldError> {
         check_identifier("name", &self.name, false)?;
         if self.version < 1 {
             return Err(version_error(self.version));
@@ -202,6 +248,11 @@ impl SagaDefinition {
                 ));
             }
         }
+        let validator = self
+            .input_schema
+            .as_ref()
+            .map(|schema| compile_schema(schema).map(Arc::new))
+            .transpose()?;
         if self.steps.is_empty() {
             return Err(FieldError::new("steps", "at least one step is required"));
         }
@@ -227,7 +278,7 @@ impl SagaDefinition {
                 &step.compensation_retry,
             )?;
         }
-        Ok(())
+        Ok(validator)
     }
 }
 
@@ -253,6 +304,20 @@ impl DefinitionError {
     }
 }
 
+/// Why an input does not match its definition's `input_schema`: the first error found, in one
+/// line, `"{field}: {message} (rule: {rule})"`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message} (rule: {rule})")]
+pub struct InputMismatch {
+    /// Where: `input` (the whole input), `input.amount_cents`, `input.items[0].quantity`; for a
+    /// missing field (`required`), that field, e.g. `input.customer_id`.
+    pub field: String,
+    /// The schema keyword that failed: `type`, `minimum`, `pattern`, `required`, …
+    pub rule: String,
+    /// What is wrong; an echoed value is cut to 100 characters.
+    pub message: String,
+}
+
 /// All loaded definitions: several versions of one type may be loaded; `StartSaga` uses the
 /// newest, a saga already running keeps its own.
 #[derive(Debug, Clone, Default)]
@@ -260,6 +325,9 @@ pub struct DefinitionSet {
     /// In load order (file name order), so errors name the first file that uses something.
     loaded: Vec<Loaded>,
     by_type: BTreeMap<String, BTreeMap<u32, Arc<SagaDefinition>>>,
+    /// The input schemas, compiled once at load, by name and version: never serialized, so a
+    /// snapshot holds only the schema itself.
+    schemas: BTreeMap<String, BTreeMap<u32, Arc<Validator>>>,
 }
 
 #[derive(Debug, Clone)]
@@ -309,8 +377,8 @@ impl DefinitionSet {
             let file = path.display().to_string();
             let loaded = std::fs::read_to_string(&path)
                 .map_err(|err| DefinitionError::new(&file, "-", format!("cannot read: {err}")))
-                .and_then(|text| SagaDefinition::from_toml_str(&text, &file))
-                .and_then(|definition| set.insert(definition, &file));
+                .and_then(|text| SagaDefinition::parse(&text, &file, dir))
+                .and_then(|(definition, validator)| set.insert(definition, validator, &file));
             if let Err(err) = loaded {
                 errors.push(err);
             }
@@ -328,13 +396,18 @@ impl DefinitionSet {
     pub fn from_definitions(defs: Vec<SagaDefinition>) -> Result<DefinitionSet, DefinitionError> {
         let mut set = DefinitionSet::default();
         for definition in defs {
-            definition.check().map_err(|err| err.in_file(MEMORY_FILE))?;
-            set.insert(definition, MEMORY_FILE)?;
+            let validator = definition.check().map_err(|err| err.in_file(MEMORY_FILE))?;
+            set.insert(definition, validator, MEMORY_FILE)?;
         }
         Ok(set)
     }
 
-    fn insert(&mut self, definition: SagaDefinition, file: &str) -> Result<(), DefinitionError> {
+    fn insert(
+        &mut self,
+        definition: SagaDefinition,
+        validator: Option<Arc<Validator>>,
+        file: &str,
+    ) -> Result<(), DefinitionError> {
         if let Some(other) = self.loaded.iter().find(|loaded| {
             loaded.definition.name == definition.name
                 && loaded.definition.version == definition.version
@@ -347,6 +420,12 @@ impl DefinitionSet {
                     definition.name, definition.version, other.file
                 ),
             ));
+        }
+        if let Some(validator) = validator {
+            self.schemas
+                .entry(definition.name.clone())
+                .or_default()
+                .insert(definition.version, validator);
         }
         let definition = Arc::new(definition);
         self.by_type
@@ -406,6 +485,57 @@ impl DefinitionSet {
         Ok(())
     }
 
+    /// Checks a saga's input against its definition's `input_schema`; a definition without one
+    /// accepts any input. Returns the first error (always the same one for the same input).
+    ///
+    /// The validator compiled at load serves when `definition` is the loaded one of its name and
+    /// version, with the same schema. Any other definition (a snapshot of a version no longer
+    /// loaded, or of a file since edited without a new version) has its own schema compiled here
+    /// and then dropped: a saga is judged by the schema it carries, never by another one, and
+    /// never let through unchecked. That schema compiled when it was loaded; should it no longer
+    /// compile, the input is refused with rule `input_schema`.
+    pub fn check_input(
+        &self,
+        definition: &SagaDefinition,
+        input: &Value,
+    ) -> Result<(), InputMismatch> {
+        let Some(schema) = &definition.input_schema else {
+            return Ok(());
+        };
+        let same_as_loaded = self
+            .by_type
+            .get(&definition.name)
+            .and_then(|versions| versions.get(&definition.version))
+            .is_some_and(|loaded| {
+                std::ptr::eq(Arc::as_ptr(loaded), definition)
+                    || loaded.input_schema.as_ref() == Some(schema)
+            });
+        let compiled = self
+            .schemas
+            .get(&definition.name)
+            .and_then(|versions| versions.get(&definition.version))
+            .filter(|_| same_as_loaded);
+        let validator = match compiled {
+            Some(validator) => Arc::clone(validator),
+            None => compile_schema(schema)
+                .map(Arc::new)
+                .map_err(|err| InputMismatch {
+                    field: "input".to_owned(),
+                    rule: SCHEMA_FIELD.to_owned(),
+                    message: cap(
+                        &format!(
+                            "the saga's input schema does not compile: {}: {}",
+                            err.field, err.message
+                        ),
+                        MISMATCH_TEXT_LIMIT,
+                    ),
+                })?,
+        };
+        validator
+            .validate(input)
+            .map_err(|err| input_mismatch(&err, input))
+    }
+
     /// How many definitions were loaded (one per file), for `sagactl defs validate`.
     pub fn len(&self) -> usize {
         self.loaded.len()
@@ -451,6 +581,8 @@ struct RawFile {
     name: Option<String>,
     version: Option<i64>,
     required_input: Option<Vec<String>>,
+    /// A table (the schema itself) or a string (a `.json` file beside the definition).
+    input_schema: Option<toml::Value>,
     defaults: Option<RawDefaults>,
     steps: Option<Vec<RawStep>>,
 }
@@ -550,6 +682,7 @@ impl RawFile {
             name,
             version,
             required_input,
+            input_schema: None,
             steps,
         })
     }
@@ -698,6 +831,265 @@ fn check_not_blank(field: &str, value: &str) -> Result<(), FieldError> {
     Ok(())
 }
 
+/// `input_schema` as written: a table is the schema itself, a string names a `.json` file in
+/// `folder`. Returns the schema, and the file it came from, if any.
+fn load_schema(raw: toml::Value, folder: &Path) -> Result<(Value, Option<String>), FieldError> {
+    match raw {
+        toml::Value::String(name) => {
+            let relative = Path::new(&name);
+            let inside = relative
+                .components()
+                .all(|part| matches!(part, Component::Normal(_) | Component::CurDir));
+            if !inside || relative.extension().is_none_or(|ext| ext != "json") {
+                return Err(FieldError::new(
+                    SCHEMA_FIELD,
+                    format!(
+                        "must be a table (the schema) or the path of a .json file relative to \
+                         this file's folder, inside it, got {name:?}"
+                    ),
+                ));
+            }
+            let path = folder.join(relative);
+            let shown = path.display().to_string();
+            let text = std::fs::read_to_string(&path).map_err(|err| {
+                FieldError::new(SCHEMA_FIELD, format!("cannot read {shown}: {err}"))
+            })?;
+            let schema = serde_json::from_str(&text).map_err(|err| {
+                FieldError::new(SCHEMA_FIELD, format!("{shown} is not valid JSON: {err}"))
+            })?;
+            Ok((schema, Some(shown)))
+        }
+        table @ toml::Value::Table(_) => Ok((toml_to_json(SCHEMA_FIELD, table)?, None)),
+        other => Err(FieldError::new(
+            SCHEMA_FIELD,
+            format!(
+                "must be a table (the schema) or the path of a .json file, got {}",
+                other.type_str()
+            ),
+        )),
+    }
+}
+
+/// A TOML value as JSON; `field` names it in errors. Dates and non-finite floats have no JSON
+/// form and are refused rather than turned into something else.
+fn toml_to_json(field: &str, value: toml::Value) -> Result<Value, FieldError> {
+    Ok(match value {
+        toml::Value::String(text) => Value::String(text),
+        toml::Value::Integer(n) => Value::from(n),
+        toml::Value::Float(x) => serde_json::Number::from_f64(x)
+            .map(Value::Number)
+            .ok_or_else(|| FieldError::new(field, format!("{x} is not a JSON number")))?,
+        toml::Value::Boolean(b) => Value::Bool(b),
+        toml::Value::Datetime(when) => {
+            return Err(FieldError::new(
+                field,
+                format!("a TOML date-time ({when}) has no JSON form: write it as a string"),
+            ));
+        }
+        toml::Value::Array(items) => Value::Array(
+            items
+                .into_iter()
+                .enumerate()
+                .map(|(i, item)| toml_to_json(&format!("{field}[{i}]"), item))
+                .collect::<Result<_, _>>()?,
+        ),
+        toml::Value::Table(table) => Value::Object(
+            table
+                .into_iter()
+                .map(|(key, item)| {
+                    let mut path = field.to_owned();
+                    push_key(&mut path, &key);
+                    toml_to_json(&path, item).map(|item| (key, item))
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+    })
+}
+
+/// Compiles an input schema: draft from its `$schema` (2020-12 when absent), checked against
+/// that draft's meta-schema, no network and no files (`offline`: a `$ref` outside the schema is
+/// an error). Errors name the place in the schema, e.g. `input_schema.properties.amount.minimum`.
+fn compile_schema(schema: &Value) -> Result<Validator, FieldError> {
+    let field = format!("{SCHEMA_FIELD}.$schema");
+    match Draft::default().detect(schema) {
+        // Inputs come from a google.protobuf.Struct, where every number is a double.
+        Draft::Draft4 => {
+            return Err(FieldError::new(
+                field,
+                "draft 4 does not count 5.0 as an integer, and inputs carry every number as a \
+                 double: use draft 6 or newer (leave $schema out for 2020-12)",
+            ));
+        }
+        Draft::Unknown => {
+            return Err(FieldError::new(
+                field,
+                "unknown JSON Schema draft: use draft-06, draft-07, 2019-09 or 2020-12 \
+                 (leave $schema out for 2020-12); custom meta-schemas are not fetched",
+            ));
+        }
+        _ => {}
+    }
+    jsonschema::options()
+        .offline()
+        .build(schema)
+        .map_err(|err| schema_error(schema, &err))
+}
+
+/// A schema that does not compile, as an error on the place in the schema that is wrong.
+fn schema_error(schema: &Value, err: &ValidationError<'_>) -> FieldError {
+    if let ValidationErrorKind::Referencing(reference) = err.kind() {
+        let message = reference.to_string();
+        let field = reference_field(schema, &message, SCHEMA_FIELD.to_owned())
+            .unwrap_or_else(|| SCHEMA_FIELD.to_owned());
+        let mut message = cap(&message, MISMATCH_TEXT_LIMIT);
+        if matches!(
+            reference,
+            jsonschema::ReferencingError::Unretrievable { .. }
+        ) {
+            message.push_str(
+                " (only references inside the schema are followed, never the network or files: \
+                 put shared parts under $defs)",
+            );
+        }
+        return FieldError::new(field, message);
+    }
+    FieldError::new(
+        render_path(SCHEMA_FIELD, schema, err.instance_path().as_str()),
+        describe(err),
+    )
+}
+
+/// The first `$ref`, `$dynamicRef` or `$schema` in `schema` that the resolver's `message` is
+/// about (it quotes the URI or pointer it could not resolve), as a field under `path`.
+fn reference_field(schema: &Value, message: &str, path: String) -> Option<String> {
+    match schema {
+        Value::Object(map) => map.iter().find_map(|(key, value)| {
+            let mut child = path.clone();
+            push_key(&mut child, key);
+            let is_reference = matches!(key.as_str(), "$ref" | "$dynamicRef" | "$schema");
+            match value {
+                Value::String(target) if is_reference => {
+                    let (base, fragment) = target.split_once('#').unwrap_or((target, ""));
+                    let needle = if base.is_empty() { fragment } else { base };
+                    (!needle.is_empty() && message.contains(needle)).then_some(child)
+                }
+                _ => reference_field(value, message, child),
+            }
+        }),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, item)| reference_field(item, message, format!("{path}[{i}]"))),
+        _ => None,
+    }
+}
+
+/// An input's first validation error as an [`InputMismatch`].
+fn input_mismatch(err: &ValidationError<'_>, input: &Value) -> InputMismatch {
+    let mut field = render_path("input", input, err.instance_path().as_str());
+    match err.kind() {
+        ValidationErrorKind::Required { property } => {
+            if let Some(name) = property.as_str() {
+                push_key(&mut field, name);
+            }
+        }
+        ValidationErrorKind::AdditionalProperties { unexpected }
+        | ValidationErrorKind::UnevaluatedProperties { unexpected } => {
+            if let Some(name) = unexpected.first() {
+                push_key(&mut field, name);
+            }
+        }
+        _ => {}
+    }
+    InputMismatch {
+        field: cap(&field, MISMATCH_TEXT_LIMIT),
+        rule: cap(err.kind().keyword(), ECHO_LIMIT),
+        message: describe(err),
+    }
+}
+
+/// The error's message on one line, with the value it is about cut to [`ECHO_LIMIT`].
+fn describe(err: &ValidationError<'_>) -> String {
+    let shown = err.masked_with(echo(err.instance())).to_string();
+    cap(&shown.replace(char::is_control, " "), MISMATCH_TEXT_LIMIT)
+}
+
+/// `value` as compact JSON, cut after [`ECHO_LIMIT`] characters without writing out the rest.
+fn echo(value: &Value) -> String {
+    /// Takes bytes until it holds enough for `ECHO_LIMIT + 1` characters, then refuses.
+    struct Capped(Vec<u8>);
+    impl io::Write for Capped {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let room = (4 * (ECHO_LIMIT + 1)).saturating_sub(self.0.len());
+            if room == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            let taken = room.min(buf.len());
+            self.0.extend_from_slice(&buf[..taken]);
+            Ok(taken)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut out = Capped(Vec::new());
+    // An error only means the value was longer than what was kept.
+    let _ = serde_json::to_writer(&mut out, value);
+    cap(&String::from_utf8_lossy(&out.0), ECHO_LIMIT)
+}
+
+/// `text` cut to `limit` characters, with `…` when something was cut.
+fn cap(text: &str, limit: usize) -> String {
+    match text.char_indices().nth(limit) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_owned(),
+    }
+}
+
+/// The JSON pointer `pointer` into `value` as a path under `root`: `root.items[0].quantity`.
+/// A segment is an index only where `value` has an array, so a key `"0"` stays a key.
+fn render_path(root: &str, value: &Value, pointer: &str) -> String {
+    let mut path = root.to_owned();
+    let mut current = Some(value);
+    for raw in pointer.split('/').skip(1) {
+        let segment = raw.replace("~1", "/").replace("~0", "~");
+        let index = match current {
+            Some(Value::Array(_)) => segment.parse::<usize>().ok(),
+            _ => None,
+        };
+        match index {
+            Some(i) => {
+                path.push_str(&format!("[{i}]"));
+                current = current.and_then(|node| node.get(i));
+            }
+            None => {
+                push_key(&mut path, &segment);
+                current = current.and_then(|node| node.get(&segment));
+            }
+        }
+    }
+    path
+}
+
+/// Appends `.key`, or `["key"]` (JSON-quoted, cut to [`ECHO_LIMIT`]) when the key is not a plain
+/// name, so a path stays one unambiguous line.
+fn push_key(path: &mut String, key: &str) {
+    let plain = !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '$'));
+    if plain && key.len() <= ECHO_LIMIT {
+        path.push('.');
+        path.push_str(key);
+    } else {
+        let quoted = serde_json::to_string(&cap(key, ECHO_LIMIT)).unwrap_or_default();
+        path.push('[');
+        path.push_str(&quoted);
+        path.push(']');
+    }
+}
+
 /// A toml error as one line: the key path (toml keeps it private but prints it when the error
 /// carries no source text), and the position in the message.
 fn toml_error(file: &str, text: &str, err: &toml::de::Error) -> DefinitionError {
@@ -762,6 +1154,7 @@ mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
 
     use proptest::prelude::*;
+    use serde_json::json;
 
     /// A fresh folder under the system temp dir, removed on drop.
     struct TempDir(PathBuf);
@@ -847,6 +1240,27 @@ mod tests {
                 "amount_cents".to_owned(),
                 "country".to_owned(),
             ],
+            input_schema: Some(json!({
+                "type": "object",
+                "required": ["customer_id", "amount_cents", "country"],
+                "properties": {
+                    "customer_id": {"type": "string", "minLength": 1},
+                    "amount_cents": {"type": "integer", "minimum": 1},
+                    "country": {"type": "string", "pattern": "^[A-Z]{2}$"},
+                    "currency": {"type": "string", "pattern": "^[A-Z]{3}$"},
+                    "items": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["sku", "quantity"],
+                            "properties": {
+                                "sku": {"type": "string", "minLength": 1},
+                                "quantity": {"type": "integer", "minimum": 1},
+                            },
+                        },
+                    },
+                },
+            })),
             steps: vec![
                 step("create_order", "order", "CreateOrder", Some("CancelOrder")),
                 step(
@@ -1221,6 +1635,10 @@ retry = { max_attempts = 2 }
                 |d| d.required_input.push("country".to_owned()),
                 "required_input[3]",
             ),
+            (
+                |d| d.input_schema = Some(json!({"properties": {"a": {"minimum": "x"}}})),
+                "input_schema.properties.a.minimum",
+            ),
         ];
         for (change, field) in broken {
             let mut def = base.clone();
@@ -1346,7 +1764,510 @@ retry = { max_attempts = 2 }
         let demo = demo();
         let json = serde_json::to_string(&*demo).expect("serialize");
         assert!(json.contains("\"timeout\":\"5s\""), "{json}");
+        // The snapshot keeps the schema.
+        assert!(json.contains("\"input_schema\":{"), "{json}");
         let back: SagaDefinition = serde_json::from_str(&json).expect("deserialize");
         assert_eq!(back, *demo);
+        assert!(back.input_schema.is_some());
+    }
+
+    #[test]
+    fn a_snapshot_from_before_input_schemas_still_loads() {
+        // A `saga_started` snapshot as written before the field existed.
+        let old = r#"{"name":"demo","version":1,"required_input":["a"],"steps":[{"name":"first",
+            "participant":"p","action":"DoA","compensation":null,"timeout":"5s",
+            "retry":{"max_attempts":3,"initial_delay":"100ms","multiplier":2.0,"max_delay":"1s","jitter":0.1},
+            "compensation_retry":{"max_attempts":null,"initial_delay":"100ms","multiplier":2.0,"max_delay":"1s","jitter":0.1}}]}"#;
+        let def: SagaDefinition = serde_json::from_str(old).expect("old snapshot");
+        assert_eq!(def.input_schema, None);
+        assert_eq!(def.steps[0].timeout, Duration::from_secs(5));
+        // And one without a schema is written as before: no `input_schema` key.
+        let json = serde_json::to_string(&def).expect("serialize");
+        assert!(!json.contains("input_schema"), "{json}");
+        let set = DefinitionSet::from_definitions(vec![def.clone()]).expect("valid");
+        set.check_input(&def, &json!({"anything": [1, 2]}))
+            .expect("no schema accepts any input");
+    }
+
+    /// The contract's example input of the demo saga.
+    fn example_input() -> Value {
+        json!({"customer_id": "c-1", "amount_cents": 1250, "currency": "EUR", "country": "FR",
+               "items": [{"sku": "sku-1", "quantity": 2}]})
+    }
+
+    /// `example_input` with the JSON pointer `at` set to `value`.
+    fn example_with(at: &str, value: Value) -> Value {
+        let mut input = example_input();
+        *input.pointer_mut(at).expect("pointer into the example") = value;
+        input
+    }
+
+    #[test]
+    fn demo_schema_accepts_the_example_and_refuses_each_bad_field() {
+        let set = DefinitionSet::load_dir(&repo_defs()).expect("saga-defs loads");
+        let demo = set.newest("order_fulfillment").expect("demo");
+        set.check_input(&demo, &example_input())
+            .expect("the example");
+        // Struct inputs carry doubles; extra fields are allowed; items and currency are optional.
+        let doubles = json!({"customer_id": "c-1", "amount_cents": 1250.0, "country": "FR",
+                             "items": [{"sku": "s", "quantity": 2.0}], "note": "gift"});
+        set.check_input(&demo, &doubles).expect("whole doubles");
+
+        let without = |key: &str| {
+            let mut input = example_input();
+            input.as_object_mut().expect("object").remove(key);
+            input
+        };
+        let refused = [
+            (
+                example_with("/amount_cents", json!(0)),
+                "input.amount_cents",
+                "minimum",
+            ),
+            (
+                example_with("/amount_cents", json!(12.5)),
+                "input.amount_cents",
+                "type",
+            ),
+            (
+                example_with("/amount_cents", json!("1250")),
+                "input.amount_cents",
+                "type",
+            ),
+            (
+                example_with("/customer_id", json!("")),
+                "input.customer_id",
+                "minLength",
+            ),
+            (
+                example_with("/country", json!("fr")),
+                "input.country",
+                "pattern",
+            ),
+            (
+                example_with("/country", json!("FRA")),
+                "input.country",
+                "pattern",
+            ),
+            (
+                example_with("/country", json!("")),
+                "input.country",
+                "pattern",
+            ),
+            (
+                example_with("/currency", json!("eu")),
+                "input.currency",
+                "pattern",
+            ),
+            (
+                example_with("/items/0/quantity", json!(0)),
+                "input.items[0].quantity",
+                "minimum",
+            ),
+            (
+                example_with("/items/0/sku", json!("")),
+                "input.items[0].sku",
+                "minLength",
+            ),
+            (
+                example_with("/items/0", json!({"sku": "s"})),
+                "input.items[0].quantity",
+                "required",
+            ),
+            (example_with("/items", json!({})), "input.items", "type"),
+            (without("customer_id"), "input.customer_id", "required"),
+            (without("country"), "input.country", "required"),
+            (json!([1, 2]), "input", "type"),
+        ];
+        for (input, field, rule) in refused {
+            let err = set
+                .check_input(&demo, &input)
+                .expect_err(&format!("{field} ({rule}) should be refused: {input}"));
+            println!("{err}");
+            assert_eq!(
+                (err.field.as_str(), err.rule.as_str()),
+                (field, rule),
+                "{err}"
+            );
+            assert_eq!(
+                err.to_string(),
+                format!("{field}: {} (rule: {rule})", err.message)
+            );
+            assert!(!err.to_string().contains('\n'), "{err}");
+            // The same input always gets the same first error.
+            assert_eq!(set.check_input(&demo, &input), Err(err));
+        }
+    }
+
+    #[test]
+    fn integer_accepts_whole_doubles_in_every_draft_allowed() {
+        for draft in [
+            None,
+            Some("https://json-schema.org/draft/2020-12/schema"),
+            Some("https://json-schema.org/draft/2019-09/schema"),
+            Some("http://json-schema.org/draft-07/schema#"),
+            Some("http://json-schema.org/draft-06/schema#"),
+        ] {
+            let mut schema = json!({"properties": {"n": {"type": "integer"}}});
+            if let Some(uri) = draft {
+                schema["$schema"] = json!(uri);
+            }
+            let set = schema_set(schema);
+            let def = set.newest("demo").expect("demo");
+            for whole in [json!(5), json!(5.0), json!(-3.0), json!(1e15)] {
+                set.check_input(&def, &json!({"n": whole}))
+                    .unwrap_or_else(|err| panic!("{draft:?}: {whole} refused: {err}"));
+            }
+            let err = set
+                .check_input(&def, &json!({"n": 5.5}))
+                .expect_err("5.5 is no integer");
+            assert_eq!((err.field.as_str(), err.rule.as_str()), ("input.n", "type"));
+        }
+        // Draft 4 would refuse 5.0, so it is refused at load.
+        let err = schema_error_of(
+            r#"input_schema = { "$schema" = "http://json-schema.org/draft-04/schema#" }"#,
+        );
+        assert_eq!(err.field, "input_schema.$schema");
+        assert!(err.message.contains("draft 6 or newer"), "{err}");
+    }
+
+    /// `BASE` with `input_schema = schema` (as JSON), loaded into a set.
+    fn schema_set(schema: Value) -> DefinitionSet {
+        let mut def = SagaDefinition::from_toml_str(BASE, "base.toml").expect("valid");
+        def.input_schema = Some(schema);
+        DefinitionSet::from_definitions(vec![def]).expect("valid schema")
+    }
+
+    /// The error of `BASE` with `line` added at the top level.
+    fn schema_error_of(line: &str) -> DefinitionError {
+        let doc = edit("version = 1\n", &format!("version = 1\n{line}\n"));
+        let err = SagaDefinition::from_toml_str(&doc, "case.toml")
+            .expect_err(&format!("should be refused: {line}"));
+        assert_eq!(err.file, "case.toml");
+        assert_one_line(&err);
+        err
+    }
+
+    #[test]
+    fn an_inline_schema_is_converted_from_toml() {
+        let doc = edit(
+            "version = 1\n",
+            "version = 1\ninput_schema = { type = \"object\", required = [\"a\"], \
+             properties = { a = { type = \"number\", maximum = 2.5 }, b = { enum = [1, true, \"x\"] } } }\n",
+        );
+        let def = SagaDefinition::from_toml_str(&doc, "inline.toml").expect("valid");
+        assert_eq!(
+            def.input_schema,
+            Some(json!({"type": "object", "required": ["a"],
+                        "properties": {"a": {"type": "number", "maximum": 2.5},
+                                       "b": {"enum": [1, true, "x"]}}}))
+        );
+        let set = DefinitionSet::from_definitions(vec![def.clone()]).expect("valid");
+        set.check_input(&def, &json!({"a": 2, "b": true}))
+            .expect("valid input");
+        let err = set
+            .check_input(&def, &json!({"a": 3}))
+            .expect_err("too big");
+        assert_eq!(
+            err.to_string(),
+            "input.a: 3 is greater than the maximum of 2.5 (rule: maximum)"
+        );
+        let err = set
+            .check_input(&def, &json!({"a": 1, "b": 2}))
+            .expect_err("not in enum");
+        assert_eq!((err.field.as_str(), err.rule.as_str()), ("input.b", "enum"));
+        let err = set.check_input(&def, &json!({})).expect_err("missing");
+        assert_eq!(
+            err.to_string(),
+            r#"input.a: "a" is a required property (rule: required)"#
+        );
+    }
+
+    #[test]
+    fn a_schema_file_beside_the_definition_is_read_and_not_loaded_as_one() {
+        let dir = TempDir::new();
+        let doc = edit(
+            "version = 1\n",
+            "version = 1\ninput_schema = \"demo.input.json\"\n",
+        );
+        dir.write("demo.toml", &doc);
+        dir.write(
+            "demo.input.json",
+            r#"{"type": "object", "properties": {"qty": {"type": "integer", "minimum": 1}}}"#,
+        );
+        let set = DefinitionSet::load_dir(&dir.0).expect("valid");
+        assert_eq!(set.len(), 1, "the .json is no definition");
+        let def = set.newest("demo").expect("demo");
+        assert_eq!(
+            def.input_schema,
+            Some(
+                json!({"type": "object", "properties": {"qty": {"type": "integer", "minimum": 1}}})
+            )
+        );
+        set.check_input(&def, &json!({"qty": 3}))
+            .expect("valid input");
+        let err = set
+            .check_input(&def, &json!({"qty": 0}))
+            .expect_err("below minimum");
+        assert_eq!(
+            (err.field.as_str(), err.rule.as_str()),
+            ("input.qty", "minimum")
+        );
+
+        // A subfolder is fine too; `from_toml_str` reads from the folder of the file it is given.
+        std::fs::create_dir(dir.0.join("schemas")).expect("subfolder");
+        dir.write("schemas/x.json", r#"{"required": ["x"]}"#);
+        let doc = edit(
+            "version = 1\n",
+            "version = 1\ninput_schema = \"./schemas/x.json\"\n",
+        );
+        let file = dir.0.join("other.toml").display().to_string();
+        let def = SagaDefinition::from_toml_str(&doc, &file).expect("valid");
+        assert_eq!(def.input_schema, Some(json!({"required": ["x"]})));
+    }
+
+    #[test]
+    fn each_schema_problem_names_its_field() {
+        let dir = TempDir::new();
+        dir.write("broken.json", "{\"type\": \"object\",\n  \"properties\": }");
+        dir.write("deep.json", r#"{"properties": {"a": {"minimum": "x"}}}"#);
+        std::fs::create_dir(dir.0.join("folder.json")).expect("dir");
+        let cases: [(&str, &str, &str); 20] = [
+            // The key itself.
+            ("input_schema = 5", "input_schema", "got integer"),
+            (
+                r#"input_schema = "missing.json""#,
+                "input_schema",
+                "cannot read",
+            ),
+            (
+                r#"input_schema = "folder.json""#,
+                "input_schema",
+                "cannot read",
+            ),
+            (
+                r#"input_schema = "broken.json""#,
+                "input_schema",
+                "line 2 column",
+            ),
+            (
+                r#"input_schema = "../broken.json""#,
+                "input_schema",
+                "inside it",
+            ),
+            (
+                r#"input_schema = "/etc/schema.json""#,
+                "input_schema",
+                "inside it",
+            ),
+            (
+                r#"input_schema = "schema.yaml""#,
+                "input_schema",
+                ".json file",
+            ),
+            // A file's schema errors point into it, and say which file it is.
+            (
+                r#"input_schema = "deep.json""#,
+                "input_schema.properties.a.minimum",
+                "deep.json",
+            ),
+            // Not JSON, once converted.
+            (
+                "input_schema = { default = 1979-05-27 }",
+                "input_schema.default",
+                "date-time",
+            ),
+            (
+                "input_schema = { properties = { a = { maximum = nan } } }",
+                "input_schema.properties.a.maximum",
+                "not a JSON number",
+            ),
+            // Not a valid JSON Schema.
+            (
+                r#"input_schema = { type = "intger" }"#,
+                "input_schema.type",
+                "intger",
+            ),
+            (
+                r#"input_schema = { properties = { a = { minimum = "x" } } }"#,
+                "input_schema.properties.a.minimum",
+                "\"x\" is not of type \"number\"",
+            ),
+            (
+                r#"input_schema = { required = [1] }"#,
+                "input_schema.required[0]",
+                "string",
+            ),
+            (
+                r#"input_schema = { properties = { a = { pattern = "(unclosed" } } }"#,
+                "input_schema.properties.a.pattern",
+                "regex",
+            ),
+            (
+                r#"input_schema = { "$schema" = "https://example.com/my-meta" }"#,
+                "input_schema.$schema",
+                "unknown JSON Schema draft",
+            ),
+            // References that would need the network or a file, or lead nowhere.
+            (
+                r#"input_schema = { properties = { a = { "$ref" = "https://example.com/a.json" } } }"#,
+                "input_schema.properties.a.$ref",
+                "never the network",
+            ),
+            (
+                r#"input_schema = { allOf = [{}, { "$ref" = "file:///etc/passwd" }] }"#,
+                "input_schema.allOf[1].$ref",
+                "file:///etc/passwd",
+            ),
+            (
+                r#"input_schema = { properties = { a = { "$ref" = "other.json#/x" } } }"#,
+                "input_schema.properties.a.$ref",
+                "other.json",
+            ),
+            (
+                r##"input_schema = { "$ref" = "#/$defs/missing" }"##,
+                "input_schema.$ref",
+                "'/$defs/missing' does not exist",
+            ),
+            (
+                r#"input_schema = { properties = { "odd key" = { type = 5 } } }"#,
+                r#"input_schema.properties["odd key"].type"#,
+                "5",
+            ),
+        ];
+        for (line, field, fragment) in cases {
+            let doc = edit("version = 1\n", &format!("version = 1\n{line}\n"));
+            let file = dir.write("case.toml", &doc).display().to_string();
+            let err = SagaDefinition::from_toml_str(&doc, &file)
+                .expect_err(&format!("should be refused: {line}"));
+            println!("{err}");
+            assert_eq!(err.file, file);
+            assert_eq!(err.field, field, "{line}: {err}");
+            assert!(err.message.contains(fragment), "{line}: {err}");
+            assert_one_line(&err);
+            // The folder check reports it the same way.
+            let errors = DefinitionSet::validate_dir(&dir.0).expect_err(line);
+            assert_eq!(errors, [err], "{line}");
+        }
+        // Internal references are fine.
+        let good = schema_error_free(
+            r##"input_schema = { "$defs" = { sku = { type = "string" } }, properties = { s = { "$ref" = "#/$defs/sku" } } }"##,
+        );
+        let set = DefinitionSet::from_definitions(vec![good.clone()]).expect("valid");
+        let err = set
+            .check_input(&good, &json!({"s": 5}))
+            .expect_err("not a string");
+        assert_eq!((err.field.as_str(), err.rule.as_str()), ("input.s", "type"));
+    }
+
+    /// `BASE` with `line` added at the top level, which must be valid.
+    fn schema_error_free(line: &str) -> SagaDefinition {
+        let doc = edit("version = 1\n", &format!("version = 1\n{line}\n"));
+        SagaDefinition::from_toml_str(&doc, "case.toml").expect(line)
+    }
+
+    #[test]
+    fn mismatches_name_the_field_and_stay_short() {
+        let set = schema_set(json!({
+            "type": "object",
+            "properties": {
+                "name": {"maxLength": 3},
+                "list": {"items": {"properties": {"odd key/~": {"type": "integer"}}}},
+                "0": {"type": "string"},
+            },
+            "additionalProperties": {"type": "string"},
+        }));
+        let def = set.newest("demo").expect("demo");
+        let huge = "x".repeat(100_000);
+        let err = set
+            .check_input(&def, &json!({"name": huge}))
+            .expect_err("too long");
+        println!("{err}");
+        assert_eq!(
+            (err.field.as_str(), err.rule.as_str()),
+            ("input.name", "maxLength")
+        );
+        assert!(err.to_string().chars().count() < 200, "{err}");
+        assert!(
+            err.message.starts_with(&format!("\"{}…", "x".repeat(99))),
+            "{err}"
+        );
+
+        let err = set
+            .check_input(&def, &json!({"list": [{}, {"odd key/~": "1"}]}))
+            .expect_err("not an integer");
+        assert_eq!(err.field, r#"input.list[1]["odd key/~"]"#);
+        // A key "0" of an object is a key, not an index.
+        let err = set
+            .check_input(&def, &json!({"0": 1}))
+            .expect_err("not a string");
+        assert_eq!(err.field, "input.0");
+
+        let long_key = "k".repeat(5000);
+        let mut input = serde_json::Map::new();
+        input.insert(long_key, json!([huge]));
+        let err = set
+            .check_input(&def, &Value::Object(input))
+            .expect_err("not a string");
+        println!("{err}");
+        assert_eq!(err.rule, "type");
+        assert!(err.field.chars().count() <= 120, "{}", err.field);
+        assert!(err.to_string().chars().count() < 400, "{err}");
+
+        let closed = schema_set(json!({"additionalProperties": false, "properties": {"a": {}}}));
+        let def = closed.newest("demo").expect("demo");
+        let err = closed
+            .check_input(&def, &json!({"a": 1, "b\nc": 2}))
+            .expect_err("extra");
+        println!("{err}");
+        assert_eq!(
+            (err.field.as_str(), err.rule.as_str()),
+            (r#"input["b\nc"]"#, "additionalProperties")
+        );
+        assert!(!err.to_string().contains('\n'), "{err}");
+    }
+
+    #[test]
+    fn a_snapshot_is_judged_by_its_own_schema() {
+        let set = schema_set(json!({"properties": {"n": {"minimum": 10}}}));
+        let loaded = set.newest("demo").expect("demo");
+        set.check_input(&loaded, &json!({"n": 10}))
+            .expect("loaded schema");
+
+        // Same name and version, another schema (the file was edited since the saga started).
+        let mut edited = (*loaded).clone();
+        edited.input_schema = Some(json!({"properties": {"n": {"minimum": 20}}}));
+        let err = set
+            .check_input(&edited, &json!({"n": 10}))
+            .expect_err("its own schema");
+        assert_eq!(
+            (err.field.as_str(), err.rule.as_str()),
+            ("input.n", "minimum")
+        );
+        // An equal copy of the loaded definition uses the loaded validator: same answer.
+        set.check_input(&(*loaded).clone(), &json!({"n": 10}))
+            .expect("copy");
+
+        // A version no longer loaded.
+        let mut gone = edited.clone();
+        gone.version = 7;
+        assert!(set.check_input(&gone, &json!({"n": 15})).is_err());
+        set.check_input(&gone, &json!({"n": 25}))
+            .expect("its own schema");
+        gone.input_schema = None;
+        set.check_input(&gone, &json!({"n": 0})).expect("no schema");
+
+        // A snapshot whose schema no longer compiles refuses rather than lets through.
+        let mut broken = (*loaded).clone();
+        broken.input_schema = Some(json!({"type": "intger"}));
+        let err = set
+            .check_input(&broken, &json!({}))
+            .expect_err("uncompilable");
+        println!("{err}");
+        assert_eq!(
+            (err.field.as_str(), err.rule.as_str()),
+            ("input", "input_schema")
+        );
+        assert!(err.message.contains("input_schema.type"), "{err}");
     }
 }

@@ -846,7 +846,23 @@ fn valid_defs() -> anyhow::Result<Scratch> {
 
 #[tokio::test]
 async fn a_bad_definition_file_is_refused_in_one_line_before_the_database() -> anyhow::Result<()> {
-    let cases: [(&str, String, &str); 4] = [
+    let cases: [(&str, String, &str); 6] = [
+        (
+            "input schema that is no JSON Schema",
+            format!(
+                "input_schema = {{ properties = {{ amount = {{ minimum = \"one\" }} }} }}\n{}",
+                small_definition("bad", &[("a", "p")], "")
+            ),
+            "input_schema.properties.amount.minimum",
+        ),
+        (
+            "input schema referring to the network",
+            format!(
+                "input_schema = {{ properties = {{ a = {{ \"$ref\" = \"https://example.com/a.json\" }} }} }}\n{}",
+                small_definition("bad", &[("a", "p")], "")
+            ),
+            "input_schema.properties.a.$ref",
+        ),
         (
             "duplicate step name",
             small_definition("bad", &[("a", "p"), ("a", "p")], ""),
@@ -893,6 +909,7 @@ async fn a_bad_definition_file_is_refused_in_one_line_before_the_database() -> a
             "{what}: sagad died of a signal: {status}"
         );
         let line = the_one_line(&stderr).with_context(|| what.to_owned())?;
+        println!("{what}: refused in {took:?}: {line}");
         assert!(
             line.contains("bad.toml"),
             "{what}: {line:?} does not name the file"

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use anyhow::{Context, ensure};
 use sagad_e2e::cli::{CliRun, sagactl, sagactl_with_env};
 use sagad_e2e::participant::default_answer;
 use sagad_e2e::*;
@@ -727,6 +728,71 @@ async fn defs_validate_checks_files_without_a_server() -> anyhow::Result<()> {
         "{run:?}"
     );
     assert!(run.stderr.contains("2 errors"), "{run:?}");
+
+    // Input schemas: one that is no JSON Schema, one in a file that is not there.
+    let bad_minimum = good.replacen(
+        "amount_cents = { type = \"integer\", minimum = 1 }",
+        "amount_cents = { type = \"integer\", minimum = \"one\" }",
+        1,
+    );
+    let inline_schema = good
+        .find("\n[input_schema]\n")
+        .zip(good.find("\n[defaults]\n"))
+        .context("the demo definition has an inline [input_schema] before [defaults]")?;
+    let missing_file = format!(
+        "{}\ninput_schema = \"order.input.json\"\n{}",
+        &good[..inline_schema.0],
+        &good[inline_schema.1..]
+    );
+    ensure!(
+        bad_minimum != good,
+        "the demo schema no longer has amount_cents' minimum"
+    );
+    let schemas = defs_dir(&[
+        ("a_good.toml", &good),
+        ("b_minimum.toml", &bad_minimum),
+        ("c_file.toml", &missing_file),
+    ])?;
+    let schemas_text = schemas.display().to_string();
+    let run = sagactl(&["--output", "json", "defs", "validate", &schemas_text]).await?;
+    assert!(!run.status.success(), "{run:?}");
+    let report = run.json()?;
+    println!("{report}");
+    assert_eq!(report["valid"], json!(false), "{report}");
+    let errors = report["errors"].as_array().cloned().unwrap_or_default();
+    assert_eq!(errors.len(), 2, "{report}");
+    assert!(
+        text(&errors[0]["file"]).ends_with("b_minimum.toml"),
+        "{report}"
+    );
+    assert_eq!(
+        errors[0]["field"],
+        json!("input_schema.properties.amount_cents.minimum"),
+        "{report}"
+    );
+    assert!(
+        text(&errors[1]["file"]).ends_with("c_file.toml"),
+        "{report}"
+    );
+    assert_eq!(errors[1]["field"], json!("input_schema"), "{report}");
+    assert!(
+        text(&errors[1]["message"]).contains("order.input.json"),
+        "{report}"
+    );
+    // With the file there, the folder is valid: the .json beside is no definition.
+    std::fs::write(
+        schemas.join("order.input.json"),
+        r#"{"type": "object", "required": ["customer_id"]}"#,
+    )?;
+    // a_good.toml defines the same saga and version as c_file.toml.
+    std::fs::remove_file(schemas.join("a_good.toml"))?;
+    std::fs::remove_file(schemas.join("b_minimum.toml"))?;
+    let run = sagactl(&["defs", "validate", &schemas_text]).await?.ok()?;
+    assert_eq!(
+        run.stdout.trim(),
+        format!("ok: 1 definition in {schemas_text}")
+    );
+    let _ = std::fs::remove_dir_all(schemas);
 
     // A folder that is not there.
     let missing = dir.join("absent").display().to_string();

@@ -41,6 +41,7 @@ pub(super) fn definition() -> SagaDefinition {
         name: "demo".to_owned(),
         version: 1,
         required_input: vec!["customer_id".to_owned()],
+        input_schema: None,
         steps: vec![
             step("a", Some("undo_a"), Some(3)),
             step("b", Some("undo_b"), Some(3)),
