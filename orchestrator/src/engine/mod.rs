@@ -160,6 +160,10 @@ impl Engine {
             .newest(&request.saga_type)
             .ok_or_else(|| EngineError::UnknownSagaType(shorten(&request.saga_type, 100)))?;
         validate_input(&request.input, &definition.required_input)?;
+        self.inner
+            .definitions
+            .check_input(&definition, &request.input)
+            .map_err(|mismatch| EngineError::InvalidInput(mismatch.to_string()))?;
         let key = request.idempotency_key.clone();
         if !key.is_empty()
             && let Some(existing) = self
