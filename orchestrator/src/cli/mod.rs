@@ -1,4 +1,4 @@
-//! `sagactl`, the command-line client of sagad (CONTRACT.md, "sagactl"): flags, the connection,
+//! `sagactl`, the command-line client of sagad (its `--help` lists the commands): flags, the connection,
 //! one function per command. `render` turns the wire types into JSON lines and tables; `bench`
 //! drives many sagas at once and measures them.
 

@@ -13,8 +13,7 @@
 //!   execute); [`StepError::Internal`] rolls back everything, records nothing, and answers gRPC
 //!   `INTERNAL`, so the orchestrator retries.
 //!
-//! [`run`] is a participant's whole `main`: the common flags (CONTRACT.md, "Participant
-//! options"), the database (created if missing, migrated), fault injection, tracing, health,
+//! [`run`] is a participant's whole `main`: the common flags ([`CommonArgs`]), the database (created if missing, migrated), fault injection, tracing, health,
 //! and graceful shutdown on SIGTERM/SIGINT. A complete minimal participant:
 //!
 //! ```no_run
@@ -89,7 +88,7 @@ pub use handler::{StepCommandView, StepError, StepHandler};
 pub use ledger::{TABLE as LEDGER_TABLE, migrate as migrate_ledger};
 pub use service::{COMPENSATED, Faults, ParticipantService};
 
-/// The flags every participant takes (CONTRACT.md, "Participant options").
+/// The flags every participant takes: `--listen`, `--database-url`, and the fault injection.
 #[derive(Debug, Clone, clap::Args)]
 pub struct CommonArgs {
     /// gRPC address [default: the service's own]
