@@ -28,7 +28,7 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-use crate::{Client, DatabaseGuard, SagadProcess, Scratch, repo_root, to_json, to_struct};
+use crate::{Client, DatabaseGuard, SagadProcess, Scratch, repo_root, signals, to_json, to_struct};
 
 /// Every account's balance when first seen (payment-service's default).
 pub const DEFAULT_BALANCE_CENTS: i64 = 100_000;
@@ -414,8 +414,8 @@ impl DemoSystem {
             .pid()
             .context("the replica has exited")?;
         self.replica_mut(index)?.state = ReplicaState::Paused;
-        signal(pid, "STOP").await?;
-        wait_process_state(pid, |state| state == 'T').await
+        signals::send(pid, "STOP").await?;
+        signals::wait_state(pid, |state| state == 'T').await
     }
 
     /// SIGCONT to replica `index`, paused by [`pause_replica`](Self::pause_replica).
@@ -424,8 +424,8 @@ impl DemoSystem {
             .replica(index)?
             .pid()
             .context("the replica has exited")?;
-        signal(pid, "CONT").await?;
-        wait_process_state(pid, |state| state != 'T').await?;
+        signals::send(pid, "CONT").await?;
+        signals::wait_state(pid, |state| state != 'T').await?;
         self.replica_mut(index)?.state = ReplicaState::Live;
         Ok(())
     }
@@ -556,37 +556,6 @@ impl DemoSystem {
             database.drop_now().await?;
         }
         Ok(())
-    }
-}
-
-/// `kill -<name> <pid>`.
-async fn signal(pid: u32, name: &str) -> anyhow::Result<()> {
-    let status = Command::new("kill")
-        .args([format!("-{name}"), pid.to_string()])
-        .status()
-        .await?;
-    ensure!(status.success(), "kill -{name} {pid} failed");
-    Ok(())
-}
-
-/// Waits until the process's state letter in `/proc/<pid>/stat` satisfies `done`.
-async fn wait_process_state(pid: u32, done: impl Fn(char) -> bool) -> anyhow::Result<()> {
-    let until = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-        // `pid (comm) S …`: the state follows the last parenthesis.
-        let state = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.trim_start().chars().next())
-            .context("unreadable /proc stat")?;
-        if done(state) {
-            return Ok(());
-        }
-        ensure!(
-            tokio::time::Instant::now() < until,
-            "process {pid} stays in state {state}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

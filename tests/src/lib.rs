@@ -6,8 +6,10 @@ pub mod cli;
 pub mod daemon;
 pub mod database;
 pub mod demo;
+pub mod metrics;
 pub mod participant;
 pub mod postgres;
+pub mod signals;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

@@ -5,8 +5,11 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, bail, ensure};
+
+use crate::signals;
 
 /// A cluster in a temp folder of its own, listening on 127.0.0.1 with trust auth; stopped and
 /// removed on drop.
@@ -16,6 +19,8 @@ pub struct PrivateCluster {
     port: u16,
     /// Run the binaries as the `postgres` OS user (we are root).
     as_postgres: bool,
+    /// Every process of the cluster is SIGSTOPped: drop resumes them before stopping it.
+    frozen: AtomicBool,
 }
 
 impl PrivateCluster {
@@ -31,6 +36,7 @@ impl PrivateCluster {
             bin,
             port: crate::free_port()?,
             as_postgres,
+            frozen: AtomicBool::new(false),
         };
         if as_postgres {
             let chown = tokio::process::Command::new("chown")
@@ -101,6 +107,58 @@ impl PrivateCluster {
         .await
     }
 
+    /// SIGSTOP to every process of the cluster, returning once the kernel shows each stopped:
+    /// the server neither answers nor closes anything, its sockets stay open and new
+    /// connections wait in the listen backlog, the way a hung database host looks to a client.
+    /// The postmaster is stopped first, so that it forks no backend the listing would miss.
+    pub async fn freeze(&self) -> anyhow::Result<()> {
+        let postmaster = self.postmaster_pid()?;
+        self.frozen.store(true, Ordering::SeqCst);
+        signals::send(postmaster, "STOP").await?;
+        signals::wait_state(postmaster, |state| state == 'T').await?;
+        for pid in signals::children(postmaster)? {
+            if let Err(error) = signals::send(pid, "STOP").await {
+                // A backend that ended since the listing is no longer there to stop.
+                if signals::state(pid).is_err() {
+                    continue;
+                }
+                return Err(error);
+            }
+            signals::wait_state_or_gone(pid, |state| state == 'T').await?;
+        }
+        Ok(())
+    }
+
+    /// SIGCONT to every process of the cluster, returning once the kernel shows none stopped.
+    pub async fn thaw(&self) -> anyhow::Result<()> {
+        let postmaster = self.postmaster_pid()?;
+        let mut pids = signals::children(postmaster)?;
+        pids.push(postmaster);
+        for pid in &pids {
+            if let Err(error) = signals::send(*pid, "CONT").await
+                && signals::state(*pid).is_ok()
+            {
+                return Err(error);
+            }
+        }
+        for pid in pids {
+            signals::wait_state_or_gone(pid, |state| state != 'T').await?;
+        }
+        self.frozen.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// The postmaster's process id: the first line of `postmaster.pid` in the data folder.
+    fn postmaster_pid(&self) -> anyhow::Result<u32> {
+        let path = self.dir.join("data").join("postmaster.pid");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {} (is the cluster running?)", path.display()))?;
+        text.lines()
+            .next()
+            .and_then(|line| line.trim().parse().ok())
+            .with_context(|| format!("no process id on the first line of {}", path.display()))
+    }
+
     fn data_dir(&self) -> String {
         self.dir.join("data").display().to_string()
     }
@@ -135,6 +193,17 @@ impl PrivateCluster {
 
 impl Drop for PrivateCluster {
     fn drop(&mut self) {
+        // A frozen postmaster would never act on pg_ctl's stop request.
+        if self.frozen.load(Ordering::SeqCst)
+            && let Ok(postmaster) = self.postmaster_pid()
+        {
+            let mut pids = signals::children(postmaster).unwrap_or_default();
+            pids.push(postmaster);
+            let _ = Command::new("kill")
+                .arg("-CONT")
+                .args(pids.iter().map(u32::to_string))
+                .status();
+        }
         let _ = self
             .command(
                 "pg_ctl",
