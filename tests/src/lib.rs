@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod participant;
 pub mod postgres;
 pub mod signals;
+pub mod wire;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -19,6 +20,7 @@ use anyhow::{Context, bail};
 use sagad_proto::v1::saga_orchestrator_client::SagaOrchestratorClient;
 use sagad_proto::v1::{GetSagaRequest, ListSagasRequest, Saga, SagaStatus, StartSagaRequest};
 use serde_json::Value;
+use sqlx::postgres::PgConnection;
 use tonic::transport::Channel;
 
 pub use daemon::{SagadProcess, TestDaemon};
@@ -235,4 +237,94 @@ pub async fn wait_all_terminal(
         sagas.insert(id.clone(), get_saga(client, id).await?);
     }
     Ok(sagas)
+}
+
+/// A saga as sagad's `sagas` table holds it: what the database recorded, whether or not the
+/// API can still read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedSaga {
+    pub saga_id: String,
+    pub status: String,
+    pub version: i64,
+}
+
+impl RecordedSaga {
+    pub fn ended(&self) -> bool {
+        matches!(self.status.as_str(), "COMPLETED" | "COMPENSATED" | "FAILED")
+    }
+}
+
+/// Every saga in sagad's database, oldest first.
+pub async fn recorded_sagas(db: &mut PgConnection) -> anyhow::Result<Vec<RecordedSaga>> {
+    let rows: Vec<(String, String, i64)> = sqlx::query_as(
+        "select saga_id::text, status, version from sagas order by created_at, saga_id",
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(saga_id, status, version)| RecordedSaga {
+            saga_id,
+            status,
+            version,
+        })
+        .collect())
+}
+
+/// Waits until every saga in sagad's database has ended. While sagas keep ending (or new ones
+/// appear) it waits up to `cap`; it gives up early once no saga has ended for `quiet`, far
+/// longer than any retry delay: what is left then is stuck, whether it never moves again or
+/// retries for ever.
+pub async fn wait_recorded_sagas_end(
+    db: &mut PgConnection,
+    quiet: Duration,
+    cap: Duration,
+) -> anyhow::Result<Vec<RecordedSaga>> {
+    let started = Instant::now();
+    let mut last_progress = Instant::now();
+    let mut progress = (0, 0);
+    let mut at_progress: BTreeMap<String, i64> = BTreeMap::new();
+    loop {
+        let sagas = recorded_sagas(db).await?;
+        let open: Vec<&RecordedSaga> = sagas.iter().filter(|saga| !saga.ended()).collect();
+        if open.is_empty() {
+            return Ok(sagas);
+        }
+        let now = (sagas.len(), sagas.len() - open.len());
+        if now != progress {
+            progress = now;
+            last_progress = Instant::now();
+            at_progress = open
+                .iter()
+                .map(|saga| (saga.saga_id.clone(), saga.version))
+                .collect();
+        }
+        if last_progress.elapsed() > quiet || started.elapsed() > cap {
+            let mut by_state: BTreeMap<(&str, i64), usize> = BTreeMap::new();
+            for saga in &open {
+                *by_state
+                    .entry((saga.status.as_str(), saga.version))
+                    .or_default() += 1;
+            }
+            let moving = open
+                .iter()
+                .filter(|saga| at_progress.get(&saga.saga_id) != Some(&saga.version))
+                .count();
+            let examples: Vec<String> = open
+                .iter()
+                .take(5)
+                .map(|saga| format!("{} {} v{}", saga.saga_id, saga.status, saga.version))
+                .collect();
+            bail!(
+                "{} of {} recorded sagas have not ended after {:?}, none ended in the last \
+                 {:?}; {moving} of them still append events (retrying), the others do not \
+                 move at all; by (status, version): {by_state:?}; e.g. {examples:?}",
+                open.len(),
+                sagas.len(),
+                started.elapsed(),
+                last_progress.elapsed()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

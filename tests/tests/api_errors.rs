@@ -303,6 +303,24 @@ async fn list_sagas_errors() -> anyhow::Result<()> {
             &format!("page_token {token:?}"),
         );
     }
+    // Well-formed tokens at times no saga has: before Postgres' first day (4713 BC), at the
+    // ends of the range. Refused or answered, never a server error.
+    let saga_id = uuid::Uuid::new_v4().simple();
+    for micros in [
+        i64::MIN,
+        -250_000_000_000_000_000,
+        8_000_000_000_000_000_000,
+        i64::MAX,
+    ] {
+        let token = format!("{micros}.{saga_id}");
+        if let Err(status) = env.list(Vec::new(), 10, &token).await {
+            assert_eq!(
+                status.code(),
+                Code::InvalidArgument,
+                "page_token {token:?}: {status:?}"
+            );
+        }
+    }
     for statuses in [
         vec![0],
         vec![99],
