@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures::Stream;
+use prost::Message as _;
 use sagad_proto::v1 as pb;
 use sagad_proto::v1::saga_orchestrator_server::SagaOrchestrator;
 use serde_json::Value;
@@ -21,6 +22,9 @@ use crate::store::{EventRecord, ListCursor, ListFilter, SagaRecord, StoreError};
 /// The largest page a listing returns.
 pub const MAX_PAGE_SIZE: u32 = 1000;
 const DEFAULT_PAGE_SIZE: u32 = 50;
+/// The most bytes of sagas one `ListSagas` page holds: gRPC clients read at most 4 MiB a
+/// message by default.
+const MAX_PAGE_BYTES: usize = 3 * 1024 * 1024;
 /// The longest `GetSaga.wait_ms` honoured.
 const MAX_WAIT: Duration = Duration::from_secs(60);
 /// Longest `correlation_id`: it travels in every participant call's metadata, where a few KB
@@ -58,8 +62,11 @@ impl From<EngineError> for Status {
             EngineError::Contended(_) => Status::aborted(message),
             // Data the edge let through yet the database refused is still the request's.
             EngineError::Store(StoreError::Rejected(_)) => Status::invalid_argument(message),
+            // A log this release cannot read: retrying will not help, an operator must look.
+            EngineError::Store(StoreError::CorruptLog { .. }) | EngineError::CorruptLog { .. } => {
+                Status::data_loss(message)
+            }
             EngineError::Store(_) | EngineError::ShuttingDown => Status::unavailable(message),
-            EngineError::CorruptLog { .. } => Status::internal(message),
         }
     }
 }
@@ -157,20 +164,24 @@ impl SagaOrchestrator for Api {
             limit: page_size + 1,
             after,
         };
-        let mut records = self.engine.list_sagas(&filter).await?;
-        let next_page_token = if records.len() > page_size as usize {
-            records.truncate(page_size as usize);
-            records
-                .last()
-                .map(|last| page_token(last.created_at, last.saga_id))
-                .unwrap_or_default()
-        } else {
-            String::new()
+        let records = self.engine.list_sagas(&filter).await?;
+        // A page ends early rather than grow past what a client reads by default.
+        let mut sagas = Vec::new();
+        let mut bytes = 0;
+        let mut last = None;
+        for record in records.iter().take(page_size as usize) {
+            let saga = saga_message(record, Vec::new());
+            bytes += saga.encoded_len();
+            if bytes > MAX_PAGE_BYTES && !sagas.is_empty() {
+                break;
+            }
+            sagas.push(saga);
+            last = Some(record);
+        }
+        let next_page_token = match last {
+            Some(last) if sagas.len() < records.len() => page_token(last.created_at, last.saga_id),
+            _ => String::new(),
         };
-        let sagas = records
-            .iter()
-            .map(|record| saga_message(record, Vec::new()))
-            .collect();
         Ok(Response::new(pb::ListSagasResponse {
             sagas,
             next_page_token,

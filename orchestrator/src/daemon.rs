@@ -60,6 +60,10 @@ pub async fn serve(
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let stop_serving = CancellationToken::new();
     let server = tonic::transport::Server::builder()
+        // Clients whose deadlines pass reset their streams, often before the server took
+        // them up; h2's default of 20 such streams then ends the whole connection, and every
+        // other request on it. The limit stays (it guards against rapid-reset floods), higher.
+        .http2_max_pending_accept_reset_streams(Some(1024))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -199,7 +199,7 @@ fn exact_number(number: f64, path: &str) -> Result<Number, DocumentError> {
         });
     }
     if number.abs() > MAX_EXACT_NUMBER {
-        return Err(beyond_exact(path, &number.to_string()));
+        return Err(beyond_exact(path, &format!("{number:e}")));
     }
     if number.fract() == 0.0 {
         // Exact: the magnitude is at most 2^53.

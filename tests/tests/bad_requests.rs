@@ -700,3 +700,43 @@ async fn refusing_a_huge_field_gives_an_answer_the_client_can_read() -> anyhow::
     verdict(problems)?;
     env.finish().await
 }
+
+/// Sagas whose inputs are large fill a page of 1000 with far more than the 4 MiB a gRPC client
+/// reads by default: the page ends early with a token instead, and paging reads every saga.
+#[tokio::test]
+async fn a_page_of_large_sagas_stays_readable() -> anyhow::Result<()> {
+    let mut env = Env::start("bad_page").await?;
+    const SAGAS: usize = 24;
+    let mut started = std::collections::BTreeSet::new();
+    for n in 0..SAGAS {
+        let mut input = order(&format!("large-{n}"));
+        input["note"] = json!("n".repeat(200 * 1024));
+        started.insert(start_saga(&mut env.client, ORDER, input).await?);
+    }
+    let mut listed = std::collections::BTreeSet::new();
+    let mut pages = 0;
+    let mut token = String::new();
+    loop {
+        let page = env
+            .client
+            .list_sagas(ListSagasRequest {
+                page_size: 1000,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .context("a page of large sagas")?
+            .into_inner();
+        pages += 1;
+        listed.extend(page.sagas.into_iter().map(|saga| saga.saga_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+        ensure!(pages < SAGAS, "paging does not end");
+    }
+    println!("{SAGAS} sagas of 200 KiB inputs listed in {pages} pages");
+    ensure!(pages > 1, "every saga came in one page of over 4 MiB");
+    ensure!(listed == started, "listed {listed:?}, started {started:?}");
+    env.finish().await
+}

@@ -23,7 +23,8 @@ const STORE_RETRY_DELAY: Duration = Duration::from_secs(1);
 
 /// The largest context (the input and every output, as JSON) a saga may build up: sent with
 /// every call, it must stay well within what a participant accepts in one message.
-pub(super) const MAX_CONTEXT_BYTES: usize = 2 * 1024 * 1024;
+/// With it, a saga with its history stays within the 4 MiB a gRPC client reads by default.
+pub(super) const MAX_CONTEXT_BYTES: usize = 1024 * 1024;
 
 pub(super) async fn drive(engine: &Engine, mut saga: Saga, bell: &Notify, tenure: &Tenure) {
     let shutdown = &engine.inner.shutdown;
