@@ -1266,3 +1266,70 @@ async fn a_saga_waiting_on_a_backoff_survives_a_graceful_restart() -> anyhow::Re
     assert_history(&saga, "saga_completed");
     env.finish().await
 }
+
+/// The safety net: a saga recorded under a live replica's id whose driver never started (a
+/// task lost, a request dropped at the wrong instant) is found by that replica's sweep and
+/// driven to its end. The saga is recorded here behind sagad's back, as a copy of the first
+/// event of one that completed, owned by the running replica.
+#[tokio::test]
+async fn the_sweep_drives_a_saga_its_own_replica_owns_but_does_not_drive() -> anyhow::Result<()> {
+    use sqlx::Connection as _;
+
+    let defs = fast_defs(FAST, &[])?;
+    let mut env = Env::start("undriven", defs, script(|call, _| demo_output(call))).await?;
+    let model = env.begin("fast", order_input("c-undriven")).await?;
+    env.terminal(&model).await?;
+    let copy = uuid::Uuid::now_v7();
+    let mut db = sqlx::postgres::PgConnection::connect(&env.db.url()).await?;
+    let owner: uuid::Uuid = sqlx::query_scalar(
+        "select replica_id from replicas where lease_expires_at > now() \
+         order by started_at desc limit 1",
+    )
+    .fetch_one(&mut db)
+    .await?;
+    let model_id = uuid::Uuid::parse_str(&model)?;
+    sqlx::query(
+        "insert into sagas (saga_id, saga_type, definition_version, status, input, context,
+                            steps, version, correlation_id, wake_at, owner)
+         select $1, saga_type, definition_version, 'RUNNING', input,
+                jsonb_build_object('input', input, 'steps', '{}'::jsonb), steps, 1, $1::text,
+                now() - interval '1 hour', $3
+         from sagas where saga_id = $2",
+    )
+    .bind(copy)
+    .bind(model_id)
+    .bind(owner)
+    .execute(&mut db)
+    .await?;
+    sqlx::query(
+        "insert into saga_events (saga_id, seq, event_type, data, replica_id)
+         select $1, 1, 'saga_started',
+                jsonb_set(data, '{correlation_id}', to_jsonb($1::text)), $3
+         from saga_events where saga_id = $2 and seq = 1",
+    )
+    .bind(copy)
+    .bind(model_id)
+    .bind(owner)
+    .execute(&mut db)
+    .await?;
+
+    let copy = copy.to_string();
+    let saga = env.terminal(&copy).await?;
+    assert_eq!(status(&saga), SagaStatus::Completed, "{}", brief(&saga));
+    assert_eq!(
+        trace(&env.calls(&copy)),
+        [
+            "X create_order #1",
+            "X charge_payment #1",
+            "X schedule_shipment #1",
+            "X approve_order #1"
+        ]
+    );
+    let driver: Option<uuid::Uuid> =
+        sqlx::query_scalar("select replica_id from saga_events where saga_id = $1 and seq = 2")
+            .bind(uuid::Uuid::parse_str(&copy)?)
+            .fetch_one(&mut db)
+            .await?;
+    assert_eq!(driver, Some(owner), "the owner itself drove it");
+    env.finish().await
+}

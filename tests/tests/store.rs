@@ -1,0 +1,107 @@
+//! The store's group commit against a real Postgres: a write whose data the database refuses
+//! (here a NUL character, which the API would have refused at the edge) fails alone; the
+//! writes committed in the same batch go through. On a current-thread runtime every write
+//! below is queued before the writer task first runs, so they all land in one batch.
+
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use sagad::definition::SagaDefinition;
+use sagad::saga::{Event, Saga};
+use sagad::store::{Fence, Projection, SagaWrite, Store, StoreError, WriteOutcome, Writer};
+use sagad_e2e::DatabaseGuard;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+const DEFINITION: &str = r#"
+name = "poison"
+version = 1
+
+[[steps]]
+name = "only"
+participant = "p"
+action = "Do"
+"#;
+
+/// The first write of a new saga with this input, as the engine makes it.
+fn start(definition: &SagaDefinition, replica_id: Uuid, input: Value) -> anyhow::Result<SagaWrite> {
+    let saga_id = Uuid::now_v7();
+    let event = Event::SagaStarted {
+        saga_type: definition.name.clone(),
+        definition: definition.clone(),
+        input: input.clone(),
+        correlation_id: saga_id.to_string(),
+        idempotency_key: String::new(),
+    };
+    let saga = Saga::started(saga_id, &event)?;
+    Ok(SagaWrite {
+        saga_id,
+        expected_version: 0,
+        replica_id,
+        fence: Fence::Owner,
+        events: vec![event],
+        projection: Projection {
+            saga_type: definition.name.clone(),
+            definition_version: definition.version,
+            status: saga.status(),
+            input,
+            context: saga.context(),
+            steps: saga.step_views(),
+            failure_reason: None,
+            version: saga.version,
+            correlation_id: saga_id.to_string(),
+            idempotency_key: None,
+            wake_at: None,
+        },
+    })
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_poison_write_fails_alone_and_the_writes_beside_it_commit() -> anyhow::Result<()> {
+    let mut db = DatabaseGuard::new("poison");
+    let store = Store::connect(&db.url(), Duration::from_secs(30)).await?;
+    let (writer, writer_task) = Writer::spawn(store.clone());
+    let replica_id = store.register_replica(Duration::from_secs(60)).await?;
+    let definition = SagaDefinition::from_toml_str(DEFINITION, "poison.toml")?;
+
+    let mut writes = Vec::new();
+    for n in 0..20 {
+        writes.push(start(
+            &definition,
+            replica_id,
+            json!({"customer_id": format!("c-{n}")}),
+        )?);
+    }
+    let poison = start(&definition, replica_id, json!({"customer_id": "bad\u{0}"}))?;
+    let poison_id = poison.saga_id;
+    writes.insert(7, poison);
+
+    let mut answers = tokio::task::JoinSet::new();
+    for write in writes {
+        let writer = writer.clone();
+        answers.spawn(async move { (write.saga_id, writer.write(write).await) });
+    }
+    let mut problems = Vec::new();
+    let mut written = 0;
+    while let Some(answer) = answers.join_next().await {
+        let (saga_id, outcome) = answer?;
+        match outcome {
+            Ok(WriteOutcome::Written) if saga_id != poison_id => written += 1,
+            Err(StoreError::Rejected(error)) if saga_id == poison_id => {
+                println!("the poison write alone failed: {error}");
+            }
+            other => problems.push(format!("{saga_id}: {other:?}")),
+        }
+    }
+    ensure!(problems.is_empty(), "{}", problems.join("\n"));
+    ensure!(written == 20, "{written} of 20 good writes committed");
+    ensure!(
+        store.get_saga(poison_id).await?.is_none(),
+        "the poison saga was recorded"
+    );
+
+    drop(writer);
+    writer_task.await.context("the writer task")?;
+    store.close().await;
+    db.drop_now().await
+}
