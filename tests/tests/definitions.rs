@@ -107,3 +107,86 @@ async fn a_running_saga_keeps_its_definition_and_new_sagas_use_the_newest() -> a
     db.drop_database().await?;
     Ok(())
 }
+
+/// A running saga's snapshot names a participant that sagad, restarted with other definitions,
+/// no longer has an address for: the call cannot be sent, so the step is refused with the
+/// reason (not retried for ever), and the saga compensates what it did.
+#[tokio::test]
+async fn a_call_that_cannot_be_sent_is_refused_with_the_reason() -> anyhow::Result<()> {
+    let db = TestDatabase::new("not_sent");
+    let two_participants = r#"
+name = "gone"
+version = 1
+
+[defaults]
+timeout = "2s"
+retry = { max_attempts = 0, initial_delay = "200ms", multiplier = 1.0, max_delay = "200ms", jitter = 0.0 }
+
+[[steps]]
+name = "a"
+participant = "p"
+action = "Do_a"
+compensation = "Undo_a"
+
+[[steps]]
+name = "b"
+participant = "q"
+action = "Do_b"
+"#;
+    let p = FakeParticipant::start("p").await?;
+    // q never gets through, so the saga is waiting on step b when sagad stops.
+    let q = FakeParticipant::start_scripted(
+        "q",
+        Arc::new(|_, _| Answer::status(tonic::Code::Unavailable)),
+    )
+    .await?;
+    let defs = defs_dir(&[("gone.toml", two_participants)])?;
+    let args = vec![
+        "--database-url".to_owned(),
+        db.url.clone(),
+        "--defs".to_owned(),
+        defs.display().to_string(),
+        "--participant".to_owned(),
+        p.flag(),
+    ];
+    let daemon =
+        TestDaemon::start(&[args.clone(), vec!["--participant".to_owned(), q.flag()]].concat())
+            .await?;
+    let mut client = daemon.client().await?;
+    let saga_id = start_saga(&mut client, "gone", json!({})).await?;
+    wait_until(&mut client, &saga_id, Duration::from_secs(30), |saga| {
+        saga.steps.get(1).is_some_and(|step| step.attempts >= 1)
+    })
+    .await?;
+    daemon.stop().await?;
+
+    // The definitions no longer use q, and sagad is given no address for it.
+    let one_participant = two_participants
+        .split("[[steps]]\nname = \"b\"")
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    std::fs::write(defs.join("gone.toml"), one_participant)?;
+    let daemon = TestDaemon::start(&args).await?;
+    let mut client = daemon.client().await?;
+    let saga = wait_terminal(&mut client, &saga_id, Duration::from_secs(30)).await?;
+    let b = &saga.steps[1];
+    println!("step b: {:?}; saga: {}", b.last_error, saga.failure_reason);
+    assert_eq!(saga.status, SagaStatus::Compensated as i32, "{saga:?}");
+    assert!(
+        b.last_error.contains("NOT_SENT") && b.last_error.contains("no address"),
+        "{:?}",
+        b.last_error
+    );
+    let undone: Vec<String> = p
+        .calls_for(&saga_id)
+        .iter()
+        .filter(|call| call.kind == CallKind::Compensate)
+        .map(|call| call.step.clone())
+        .collect();
+    assert_eq!(undone, ["a"]);
+
+    daemon.stop().await?;
+    db.drop_database().await?;
+    Ok(())
+}
