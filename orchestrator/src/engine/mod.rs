@@ -376,8 +376,8 @@ impl Engine {
         Ok(record)
     }
 
-    /// Stops taking work, at once: no new saga is started, no new call is made, and waits
-    /// for a saga's version end now (answered UNAVAILABLE).
+    /// Stops taking work, at once: no new saga is started, no new call is made, and every
+    /// `GetSaga` waiting for a version ends now (answered UNAVAILABLE).
     pub fn stop_taking_work(&self) {
         self.inner.shutdown.cancel();
     }
