@@ -346,6 +346,7 @@ fn saga_message(record: &SagaRecord, history: Vec<EventRecord>) -> pb::Saga {
             compensation_attempts: step.compensation_attempts,
             last_error: step.last_error.clone().unwrap_or_default(),
             output: step.output.as_ref().and_then(document::to_struct),
+            next_attempt_at: None,
         })
         .collect();
     pb::Saga {
@@ -363,5 +364,6 @@ fn saga_message(record: &SagaRecord, history: Vec<EventRecord>) -> pb::Saga {
         created_at: Some(timestamp(record.created_at)),
         updated_at: Some(timestamp(record.updated_at)),
         history: history.into_iter().map(event_message).collect(),
+        stuck: false,
     }
 }

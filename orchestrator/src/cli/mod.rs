@@ -240,8 +240,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let saga = client
                 .get_saga(pb::GetSagaRequest {
                     saga_id: id,
-                    min_version: 0,
-                    wait_ms: 0,
+                    ..Default::default()
                 })
                 .await
                 .map_err(rpc_error)?
@@ -265,7 +264,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Retry { id } => {
             let saga = client
-                .retry_saga(pb::RetrySagaRequest { saga_id: id })
+                .retry_saga(pb::RetrySagaRequest {
+                    saga_id: id,
+                    ..Default::default()
+                })
                 .await
                 .map_err(rpc_error)?
                 .into_inner();
@@ -386,6 +388,7 @@ async fn wait_for_end(
                 saga_id: saga_id.to_owned(),
                 min_version,
                 wait_ms: POLL_WAIT_MS,
+                ..Default::default()
             })
             .await;
         match answer {
@@ -534,6 +537,7 @@ async fn list(
                 statuses: statuses.clone(),
                 page_size: remaining.min(MAX_PAGE_SIZE),
                 page_token: page_token.clone(),
+                ..Default::default()
             })
             .await
             .map_err(rpc_error)?
