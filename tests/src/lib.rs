@@ -185,6 +185,7 @@ pub async fn get_saga(client: &mut Client, saga_id: &str) -> anyhow::Result<Saga
             saga_id: saga_id.to_owned(),
             min_version: 0,
             wait_ms: 0,
+            ..Default::default()
         })
         .await?
         .into_inner())

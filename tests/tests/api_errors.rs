@@ -102,6 +102,7 @@ impl Env {
                 saga_id: saga_id.to_owned(),
                 min_version,
                 wait_ms,
+                ..Default::default()
             })
             .await
             .map(tonic::Response::into_inner)
@@ -119,6 +120,7 @@ impl Env {
                 statuses,
                 page_size,
                 page_token: page_token.to_owned(),
+                ..Default::default()
             })
             .await
             .map(tonic::Response::into_inner)

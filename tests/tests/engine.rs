@@ -1096,6 +1096,7 @@ async fn get_saga_waits_for_a_min_version() -> anyhow::Result<()> {
             saga_id: id.clone(),
             min_version: version + 1,
             wait_ms: 5000,
+            ..Default::default()
         })
         .await?
         .into_inner();
@@ -1109,6 +1110,7 @@ async fn get_saga_waits_for_a_min_version() -> anyhow::Result<()> {
             saga_id: id.clone(),
             min_version: done.version + 1,
             wait_ms: 300,
+            ..Default::default()
         })
         .await
         .expect_err("a version never reached");
@@ -1160,6 +1162,7 @@ async fn list_sagas_newest_first_with_filters_and_pages() -> anyhow::Result<()> 
                     statuses: statuses.iter().map(|status| *status as i32).collect(),
                     page_size,
                     page_token,
+                    ..Default::default()
                 })
                 .await
                 .map(tonic::Response::into_inner)

@@ -277,6 +277,7 @@ async fn one_round(client: Client, watched: String, probe: Planned, round: &str)
                 saga_id: watched,
                 min_version: 0,
                 wait_ms: 0,
+                ..Default::default()
             })
         ),
         timed(

@@ -949,6 +949,7 @@ impl Generator {
                     saga_id: String::new(),
                     min_version,
                     wait_ms,
+                    ..Default::default()
                 },
             ),
             deadline: None,
@@ -1063,6 +1064,7 @@ impl Generator {
                 statuses,
                 page_size,
                 page_token,
+                ..Default::default()
             }),
             deadline: None,
             expect: if refused {
@@ -1243,6 +1245,7 @@ async fn check_after(system: &DemoSystem) -> anyhow::Result<Vec<String>> {
                 saga_id: saga.saga_id.clone(),
                 min_version: 0,
                 wait_ms: 0,
+                ..Default::default()
             })
             .await;
         if let Err(status) = read {

@@ -115,6 +115,7 @@ async fn long_polls_at_sigterm(sagad: &mut SagadProcess) -> anyhow::Result<()> {
                 saga_id: saga.saga_id.clone(),
                 min_version: saga.version + 1_000,
                 wait_ms: WAIT_MS,
+                ..Default::default()
             };
             sent.fetch_add(1, Ordering::SeqCst);
             let reply = tokio::time::timeout(GIVE_UP + SETTLE, client.get_saga(request)).await;
