@@ -1,6 +1,15 @@
 //! The `sagad.participant.v1.Participant` service around a [`StepHandler`]: fault injection,
 //! then one transaction per command that locks the step, replays a recorded reply, or runs the
 //! handler and records its reply with its effect.
+//!
+//! That transaction runs in a task of its own, which the RPC only waits for. The orchestrator
+//! gives up on a call when its deadline passes or the saga is cancelled, and tonic then drops the
+//! RPC's future wherever it is. Were the transaction that future, it would stop at that await: in
+//! the handler (rolled back, so the next attempt runs it again), or in the middle of `COMMIT`,
+//! when sqlx, seeing a transaction never marked done, queues a `ROLLBACK` behind the `COMMIT`
+//! already sent (Postgres then warns "there is no transaction in progress"). A command the
+//! participant has begun is carried to its end instead, and its key is recorded, whoever is
+//! still listening.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -195,7 +204,8 @@ impl<H: StepHandler> Participant for ParticipantService<H> {
         async {
             self.inject_faults().await?;
             let command = view(request.into_inner())?;
-            let reply = self.execute_command(command).await?;
+            let service = self.clone();
+            let reply = to_the_end(async move { service.execute_command(command).await }).await?;
             Ok(Response::new(to_proto(reply)?))
         }
         .instrument(span)
@@ -210,11 +220,30 @@ impl<H: StepHandler> Participant for ParticipantService<H> {
         async {
             self.inject_faults().await?;
             let command = view(request.into_inner())?;
-            let reply = self.compensate_command(command).await?;
+            let service = self.clone();
+            let reply =
+                to_the_end(async move { service.compensate_command(command).await }).await?;
             Ok(Response::new(to_proto(reply)?))
         }
         .instrument(span)
         .await
+    }
+}
+
+/// Runs a command's transaction in a task of its own, in the call's span, and waits for its
+/// reply: if the caller goes away, only the waiting stops. A handler that panics is an
+/// `INTERNAL` error, which the orchestrator retries (its transaction was rolled back).
+async fn to_the_end(
+    command: impl Future<Output = Result<Reply, Status>> + Send + 'static,
+) -> Result<Reply, Status> {
+    match tokio::spawn(command.in_current_span()).await {
+        Ok(reply) => reply,
+        Err(error) => {
+            tracing::error!(%error, "the command's task failed; rolled back");
+            Err(Status::internal(format!(
+                "the command's task failed: {error}"
+            )))
+        }
     }
 }
 
