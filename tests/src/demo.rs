@@ -89,17 +89,17 @@ pub struct ParticipantProcess {
 }
 
 impl ParticipantProcess {
-    /// Starts the participant on a free port with these extra flags, and waits until it serves.
+    /// Starts the participant with these extra flags on a port the system picks (`--listen
+    /// 127.0.0.1:0`), reads the address it bound from its log, and waits until it serves.
     pub async fn start(
         service: Service,
         database_url: &str,
         args: &[String],
         log_dir: &Path,
     ) -> anyhow::Result<Self> {
-        let addr: SocketAddr = format!("127.0.0.1:{}", crate::free_port()?).parse()?;
         let mut process = Self {
             service,
-            addr,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             database_url: database_url.to_owned(),
             args: args.to_vec(),
             log_dir: log_dir.to_path_buf(),
@@ -124,21 +124,20 @@ impl ParticipantProcess {
         Ok(())
     }
 
-    /// Starts it again, same address, database and flags (after [`kill`](Self::kill)).
+    /// Starts it again, same address (sagad knows it by that), database and flags (after
+    /// [`kill`](Self::kill)).
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.kill().await?;
         self.spawn().await
     }
 
+    /// Runs the binary on `self.addr` (port 0 at the first start), then waits for the address
+    /// it logs it bound and for its health to say SERVING there.
     async fn spawn(&mut self) -> anyhow::Result<()> {
         self.starts += 1;
-        let log = self.log_dir.join(format!(
-            "{}-{}-{}.log",
-            self.service.binary(),
-            self.addr.port(),
-            self.starts
-        ));
-        let mut child = Command::new(crate::daemon::binary(self.service.binary())?)
+        let binary = self.service.binary();
+        let log = self.log_dir.join(format!("{binary}-{}.log", self.starts));
+        let mut child = Command::new(crate::daemon::binary(binary)?)
             .arg("--listen")
             .arg(self.addr.to_string())
             .arg("--database-url")
@@ -151,26 +150,52 @@ impl ParticipantProcess {
             .stderr(std::fs::File::create(&log)?)
             .kill_on_drop(true)
             .spawn()
-            .with_context(|| format!("starting {}", self.service.binary()))?;
+            .with_context(|| format!("starting {binary}"))?;
         let until = tokio::time::Instant::now() + Duration::from_secs(60);
+        let mut bound = None;
         loop {
             if let Some(status) = child.try_wait()? {
                 bail!(
-                    "{} exited with {status} before serving: {}",
-                    self.service.binary(),
+                    "{binary} exited with {status} before serving: {}",
                     std::fs::read_to_string(&log).unwrap_or_default()
                 );
             }
-            if participant_serving(self.addr).await {
+            if bound.is_none() {
+                bound = logged_listen_address(&std::fs::read_to_string(&log)?);
+            }
+            if let Some(addr) = bound
+                && participant_serving(addr).await
+            {
+                self.addr = addr;
                 self.child = Some(child);
                 return Ok(());
             }
             if tokio::time::Instant::now() > until {
-                bail!("{} did not serve within 60 s", self.service.binary());
+                bail!(
+                    "{binary} did not serve within 60 s (bound address from its log: {bound:?}): \
+                     {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// The address in a participant's `participant is serving` log line: `listen=ADDR` in the
+/// text format, `"listen":"ADDR"` in JSON.
+fn logged_listen_address(log: &str) -> Option<SocketAddr> {
+    log.lines()
+        .filter(|line| line.contains("participant is serving"))
+        .find_map(|line| {
+            let (_, rest) = line
+                .split_once("listen=")
+                .or_else(|| line.split_once("\"listen\":\""))?;
+            rest.split(|c: char| c.is_whitespace() || c == '"' || c == ',' || c == '}')
+                .next()?
+                .parse()
+                .ok()
+        })
 }
 
 async fn participant_serving(addr: SocketAddr) -> bool {
@@ -1072,4 +1097,27 @@ pub async fn check_the_run(
         problems.join("\n")
     );
     Ok(sagas)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bound_address_is_read_from_either_log_format() {
+        let text = "2026-01-01T00:00:00Z  INFO participant is serving listen=127.0.0.1:41234\n";
+        assert_eq!(
+            logged_listen_address(text),
+            Some(SocketAddr::from(([127, 0, 0, 1], 41234)))
+        );
+        let json = r#"{"level":"INFO","fields":{"message":"participant is serving","listen":"127.0.0.1:5"}}"#;
+        assert_eq!(
+            logged_listen_address(json),
+            Some(SocketAddr::from(([127, 0, 0, 1], 5)))
+        );
+        assert_eq!(
+            logged_listen_address("INFO migrating listen=1.2.3.4:5"),
+            None
+        );
+    }
 }

@@ -12,6 +12,12 @@ fn main() -> ExitCode {
         "order-service",
         "127.0.0.1:50061",
         order_service::migrator(),
+    )
+    .about(
+        "The order participant of sagad's demo saga (order_fulfillment): CreateOrder makes a \
+         PENDING order, CancelOrder (its compensation) cancels it, ApproveOrder approves it. \
+         Serves sagad.participant.v1.Participant and the sagad.demo.v1.Orders read service, \
+         over its own database.",
     );
     sagad_participant::run(spec, |_: NoArgs, pool| async move {
         let reader = OrdersServer::new(OrderReader::new(pool));

@@ -20,6 +20,12 @@ fn main() -> ExitCode {
         "payment-service",
         "127.0.0.1:50062",
         payment_service::migrator(),
+    )
+    .about(
+        "The payment participant of sagad's demo saga (order_fulfillment): ChargePayment debits \
+         the customer's account or refuses INSUFFICIENT_FUNDS, RefundPayment (its compensation) \
+         credits it back. Serves sagad.participant.v1.Participant and the \
+         sagad.demo.v1.Payments read service, over its own database.",
     );
     sagad_participant::run(spec, |args: PaymentArgs, pool| async move {
         let reader = PaymentsServer::new(PaymentReader::new(pool, args.default_balance_cents));

@@ -91,7 +91,7 @@ pub use service::{COMPENSATED, Faults, ParticipantService};
 /// The flags every participant takes: `--listen`, `--database-url`, and the fault injection.
 #[derive(Debug, Clone, clap::Args)]
 pub struct CommonArgs {
-    /// gRPC address [default: the service's own]
+    /// gRPC address; port 0 takes a free port, logged as `participant is serving listen=ADDR`
     #[arg(long, env = "LISTEN")]
     pub listen: Option<SocketAddr>,
     /// The participant's own database (created if missing, migrated at start)
@@ -143,7 +143,9 @@ struct Cli<A: clap::Args> {
 pub struct ServiceSpec {
     /// The binary's name, for usage and errors.
     pub name: &'static str,
-    /// The `--listen` default.
+    /// What the service is, the first lines of its `--help`.
+    pub about: &'static str,
+    /// The `--listen` default, shown in `--help`.
     pub default_listen: &'static str,
     /// The service's own migrations (`sqlx::migrate!("../../migrations/<service>")`).
     pub migrator: Migrator,
@@ -153,9 +155,16 @@ impl ServiceSpec {
     pub fn new(name: &'static str, default_listen: &'static str, migrator: Migrator) -> Self {
         Self {
             name,
+            about: "A participant of sagad's sagas: serves sagad.participant.v1.Participant",
             default_listen,
             migrator,
         }
+    }
+
+    /// Says what the service is in its `--help`.
+    pub fn about(mut self, about: &'static str) -> Self {
+        self.about = about;
+        self
     }
 }
 
@@ -194,6 +203,8 @@ where
     let name = spec.name;
     let parsed = Cli::<A>::command()
         .name(name)
+        .about(spec.about)
+        .mut_arg("listen", |arg| arg.default_value(spec.default_listen))
         .try_get_matches()
         .and_then(|matches| Cli::<A>::from_arg_matches(&matches));
     let cli = match parsed {
@@ -235,6 +246,7 @@ where
         }
     };
     let result = runtime.block_on(async move {
+        // Clap fills in the default (set above); this only avoids trusting that blindly.
         let listen = match cli.common.listen {
             Some(listen) => listen,
             None => spec

@@ -20,6 +20,12 @@ fn main() -> ExitCode {
         "shipping-service",
         "127.0.0.1:50063",
         shipping_service::migrator(),
+    )
+    .about(
+        "The shipping participant of sagad's demo saga (order_fulfillment): ScheduleShipment \
+         schedules the order's parcel or refuses UNSUPPORTED_DESTINATION, CancelShipment (its \
+         compensation) cancels it. Serves sagad.participant.v1.Participant and the \
+         sagad.demo.v1.Shipping read service, over its own database.",
     );
     sagad_participant::run(spec, |args: ShippingArgs, pool| async move {
         let reader = ShippingServer::new(ShipmentReader::new(pool));
