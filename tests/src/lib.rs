@@ -38,22 +38,14 @@ pub fn repo_root() -> PathBuf {
         .unwrap_or_default()
 }
 
-/// A folder of its own for one test (definitions, logs), under the system temp dir.
-pub fn scratch_dir(label: &str) -> anyhow::Result<PathBuf> {
+/// A folder of its own for one test (definitions, logs), under the system temp dir; a test
+/// holds it as a [`Scratch`], which removes it.
+fn scratch_dir(label: &str) -> anyhow::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!(
         "sagad-test-{label}-{}",
         uuid::Uuid::new_v4().simple()
     ));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    Ok(dir)
-}
-
-/// A folder holding the given definition files.
-pub fn defs_dir(files: &[(&str, &str)]) -> anyhow::Result<PathBuf> {
-    let dir = scratch_dir("defs")?;
-    for (name, text) in files {
-        std::fs::write(dir.join(name), text)?;
-    }
     Ok(dir)
 }
 
@@ -142,18 +134,27 @@ pub struct Scratch {
 }
 
 impl Scratch {
-    pub fn defs(files: &[(&str, &str)]) -> anyhow::Result<Self> {
-        Ok(Self {
-            path: defs_dir(files)?,
-            keep: false,
-        })
-    }
-
-    pub fn logs(label: &str) -> anyhow::Result<Self> {
-        Ok(Self {
+    /// A folder holding the given files (name, text).
+    pub fn with_files(label: &str, files: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let scratch = Self {
             path: scratch_dir(label)?,
             keep: false,
-        })
+        };
+        for (name, text) in files {
+            let path = scratch.path.join(name);
+            std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        }
+        Ok(scratch)
+    }
+
+    /// A folder holding the given definition files.
+    pub fn defs(files: &[(&str, &str)]) -> anyhow::Result<Self> {
+        Self::with_files("defs", files)
+    }
+
+    /// An empty folder, for the logs of the processes a test runs.
+    pub fn logs(label: &str) -> anyhow::Result<Self> {
+        Self::with_files(label, &[])
     }
 
     /// Leaves the folder in place: the test failed and its logs explain why.

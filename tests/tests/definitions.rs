@@ -45,7 +45,7 @@ async fn a_running_saga_keeps_its_definition_and_new_sagas_use_the_newest() -> a
     });
     let participant = FakeParticipant::start_scripted("p", script).await?;
 
-    let v1 = defs_dir(&[("snap.toml", &definition(1, &["a", "b"]))])?;
+    let v1 = Scratch::defs(&[("snap.toml", &definition(1, &["a", "b"]))])?;
     let args = |defs: &std::path::Path| -> Vec<String> {
         vec![
             "--database-url".into(),
@@ -140,7 +140,7 @@ action = "Do_b"
         Arc::new(|_, _| Answer::status(tonic::Code::Unavailable)),
     )
     .await?;
-    let defs = defs_dir(&[("gone.toml", two_participants)])?;
+    let defs = Scratch::defs(&[("gone.toml", two_participants)])?;
     let args = vec![
         "--database-url".to_owned(),
         db.url.clone(),

@@ -2,7 +2,7 @@
 //! test. Each test checks what the participants received (order, keys, attempts, context) and
 //! what the API reports afterwards (status, steps, version, history).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -66,8 +66,8 @@ fn fulfillment_def(name: &str, defaults: &str, extra: &[(&str, &str)]) -> String
 }
 
 /// A definitions folder with one `fast` saga type.
-fn fast_defs(defaults: &str, extra: &[(&str, &str)]) -> anyhow::Result<PathBuf> {
-    defs_dir(&[("fast.toml", &fulfillment_def("fast", defaults, extra))])
+fn fast_defs(defaults: &str, extra: &[(&str, &str)]) -> anyhow::Result<Scratch> {
+    Scratch::defs(&[("fast.toml", &fulfillment_def("fast", defaults, extra))])
 }
 
 fn demo_defs() -> PathBuf {
@@ -207,7 +207,7 @@ struct Env {
 }
 
 impl Env {
-    async fn start(label: &str, defs: PathBuf, script: Script) -> anyhow::Result<Env> {
+    async fn start(label: &str, defs: &Path, script: Script) -> anyhow::Result<Env> {
         let db = DatabaseGuard::new(label);
         let mut participants = Vec::new();
         for name in ["order", "payment", "shipping"] {
@@ -334,7 +334,7 @@ fn demo_output(call: &CallRecord) -> Answer {
 
 #[tokio::test]
 async fn happy_path_calls_every_step_once_in_order_with_a_growing_context() -> anyhow::Result<()> {
-    let mut env = Env::start("happy", demo_defs(), script(|call, _| demo_output(call))).await?;
+    let mut env = Env::start("happy", &demo_defs(), script(|call, _| demo_output(call))).await?;
     let input = order_input("c-happy");
     let started = env
         .start_saga("order_fulfillment", input.clone(), "", "corr-happy-1")
@@ -413,7 +413,7 @@ async fn refusal_at_charge_payment_compensates_create_order_only() -> anyhow::Re
             demo_output(call)
         }
     });
-    let mut env = Env::start("refuse_charge", demo_defs(), refuse).await?;
+    let mut env = Env::start("refuse_charge", &demo_defs(), refuse).await?;
     let id = env
         .begin("order_fulfillment", order_input("c-poor"))
         .await?;
@@ -473,7 +473,7 @@ async fn refusal_at_schedule_shipment_compensates_newest_first() -> anyhow::Resu
             demo_output(call)
         }
     });
-    let mut env = Env::start("refuse_ship", demo_defs(), refuse).await?;
+    let mut env = Env::start("refuse_ship", &demo_defs(), refuse).await?;
     let id = env.begin("order_fulfillment", order_input("c-aq")).await?;
     let saga = env.terminal(&id).await?;
     assert_eq!(status(&saga), SagaStatus::Compensated, "{}", brief(&saga));
@@ -524,7 +524,8 @@ async fn transient_errors_are_retried_under_the_same_key() -> anyhow::Result<()>
             default_answer(call)
         }
     });
-    let mut env = Env::start("transient", fast_defs(FAST, &[])?, flaky).await?;
+    let defs = fast_defs(FAST, &[])?;
+    let mut env = Env::start("transient", &defs, flaky).await?;
     let id = env.begin("fast", order_input("c-flaky")).await?;
     let saga = env.terminal(&id).await?;
     assert_eq!(status(&saga), SagaStatus::Completed, "{}", brief(&saga));
@@ -584,7 +585,8 @@ async fn transient_codes_are_retried_and_other_codes_are_refusals() -> anyhow::R
             _ => default_answer(call),
         }
     });
-    let mut env = Env::start("codes", fast_defs(FAST, &[])?, by_code).await?;
+    let defs = fast_defs(FAST, &[])?;
+    let mut env = Env::start("codes", &defs, by_code).await?;
     let mut sagas = Vec::new();
     for (name, _, transient) in CODES {
         let mut input = order_input("c-codes");
@@ -648,7 +650,8 @@ async fn exhausted_attempts_compensate_the_failing_step_first() -> anyhow::Resul
             default_answer(call)
         }
     });
-    let mut env = Env::start("exhausted", fast_defs(FAST, &[])?, down).await?;
+    let defs = fast_defs(FAST, &[])?;
+    let mut env = Env::start("exhausted", &defs, down).await?;
     let id = env.begin("fast", order_input("c-down")).await?;
     let saga = env.terminal(&id).await?;
     assert_eq!(status(&saga), SagaStatus::Compensated, "{}", brief(&saga));
@@ -693,7 +696,7 @@ async fn timeout_then_retry(label: &str, first: Answer) -> anyhow::Result<()> {
         }
     });
     let defs = fast_defs(FAST, &[("charge_payment", "timeout = \"1s\"")])?;
-    let mut env = Env::start(label, defs, stalls).await?;
+    let mut env = Env::start(label, &defs, stalls).await?;
     let id = env.begin("fast", order_input("c-timeout")).await?;
     let saga = env.terminal(&id).await?;
     assert_eq!(status(&saga), SagaStatus::Completed, "{}", brief(&saga));
@@ -746,7 +749,7 @@ async fn retries_back_off_exponentially() -> anyhow::Result<()> {
     });
     let policy = r#"retry = { max_attempts = 3, initial_delay = "100ms", multiplier = 2.0, max_delay = "1s", jitter = 0.0 }"#;
     let defs = fast_defs(FAST, &[("charge_payment", policy)])?;
-    let mut env = Env::start("backoff", defs, flaky).await?;
+    let mut env = Env::start("backoff", &defs, flaky).await?;
     let id = env.begin("fast", order_input("c-backoff")).await?;
     let saga = env.terminal(&id).await?;
     assert_eq!(status(&saga), SagaStatus::Completed, "{}", brief(&saga));
@@ -783,7 +786,8 @@ async fn a_compensation_is_retried_without_limit() -> anyhow::Result<()> {
         }
     });
     // Forward steps make at most 3 attempts; compensations are not bound by that.
-    let mut env = Env::start("comp_retry", fast_defs(FAST, &[])?, stubborn).await?;
+    let defs = fast_defs(FAST, &[])?;
+    let mut env = Env::start("comp_retry", &defs, stubborn).await?;
     let id = env.begin("fast", order_input("c-comp")).await?;
     let saga = env.terminal(&id).await?;
     assert_eq!(status(&saga), SagaStatus::Compensated, "{}", brief(&saga));
@@ -813,7 +817,8 @@ async fn a_refused_compensation_fails_the_saga_and_stops_compensating() -> anyho
             default_answer(call)
         }
     });
-    let mut env = Env::start("comp_refused", fast_defs(FAST, &[])?, refusals).await?;
+    let defs = fast_defs(FAST, &[])?;
+    let mut env = Env::start("comp_refused", &defs, refusals).await?;
     let id = env.begin("fast", order_input("c-norefund")).await?;
     let saga = env.terminal(&id).await?;
     assert_eq!(status(&saga), SagaStatus::Failed, "{}", brief(&saga));
@@ -859,7 +864,7 @@ async fn cancel_while_a_step_is_in_flight_compensates_it_first() -> anyhow::Resu
         }
     });
     let defs = fast_defs(FAST, &[("schedule_shipment", "timeout = \"25s\"")])?;
-    let mut env = Env::start("cancel_flight", defs, slow).await?;
+    let mut env = Env::start("cancel_flight", &defs, slow).await?;
     let id = env.begin("fast", order_input("c-cancel")).await?;
     let shipping = &env.participants[2];
     wait_for("schedule_shipment is called", || {
@@ -946,7 +951,7 @@ async fn cancel_during_a_backoff(label: &str, on_another_replica: bool) -> anyho
     });
     let policy = r#"retry = { max_attempts = 5, initial_delay = "30s", multiplier = 2.0, max_delay = "60s", jitter = 0.0 }"#;
     let defs = fast_defs(FAST, &[("charge_payment", policy)])?;
-    let mut env = Env::start(label, defs, down).await?;
+    let mut env = Env::start(label, &defs, down).await?;
     let id = env.begin("fast", order_input("c-backoff-cancel")).await?;
     env.until(&id, |saga| {
         saga.steps.get(1).is_some_and(|step| step.attempts >= 1)
@@ -1011,7 +1016,7 @@ async fn cancel_during_a_backoff(label: &str, on_another_replica: bool) -> anyho
 async fn start_saga_is_idempotent_per_key() -> anyhow::Result<()> {
     let mut env = Env::start(
         "idempotent",
-        demo_defs(),
+        &demo_defs(),
         script(|call, _| demo_output(call)),
     )
     .await?;
@@ -1071,7 +1076,8 @@ async fn get_saga_waits_for_a_min_version() -> anyhow::Result<()> {
             default_answer(call)
         }
     });
-    let mut env = Env::start("min_version", fast_defs(FAST, &[])?, slow).await?;
+    let defs = fast_defs(FAST, &[])?;
+    let mut env = Env::start("min_version", &defs, slow).await?;
     let id = env.begin("fast", order_input("c-wait")).await?;
     let payment = &env.participants[1];
     wait_for("charge_payment is called", || {
@@ -1131,11 +1137,11 @@ async fn list_sagas_newest_first_with_filters_and_pages() -> anyhow::Result<()> 
             default_answer(call)
         }
     });
-    let defs = defs_dir(&[
+    let defs = Scratch::defs(&[
         ("alpha.toml", &fulfillment_def("alpha", FAST, &[])),
         ("beta.toml", &fulfillment_def("beta", FAST, &[])),
     ])?;
-    let mut env = Env::start("list", defs, refuse_some).await?;
+    let mut env = Env::start("list", &defs, refuse_some).await?;
     let plan = [
         ("alpha", false),
         ("alpha", true),
@@ -1231,7 +1237,7 @@ async fn a_saga_waiting_on_a_backoff_survives_a_graceful_restart() -> anyhow::Re
     });
     let policy = r#"retry = { max_attempts = 3, initial_delay = "3s", multiplier = 2.0, max_delay = "3s", jitter = 0.0 }"#;
     let defs = fast_defs(FAST, &[("charge_payment", policy)])?;
-    let mut env = Env::start("restart", defs, once).await?;
+    let mut env = Env::start("restart", &defs, once).await?;
     let id = env.begin("fast", order_input("c-restart")).await?;
     env.until(&id, |saga| {
         saga.steps.get(1).is_some_and(|step| step.attempts == 1)
@@ -1279,7 +1285,7 @@ async fn the_sweep_drives_a_saga_its_own_replica_owns_but_does_not_drive() -> an
     use sqlx::Connection as _;
 
     let defs = fast_defs(FAST, &[])?;
-    let mut env = Env::start("undriven", defs, script(|call, _| demo_output(call))).await?;
+    let mut env = Env::start("undriven", &defs, script(|call, _| demo_output(call))).await?;
     let model = env.begin("fast", order_input("c-undriven")).await?;
     env.terminal(&model).await?;
     let copy = uuid::Uuid::now_v7();

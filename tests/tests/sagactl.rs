@@ -172,9 +172,8 @@ async fn start_get_and_list_in_both_forms() -> anyhow::Result<()> {
     assert!(run.stdout.contains("false"), "{run:?}");
 
     // @FILE input.
-    let dir = scratch_dir("cli-input")?;
+    let dir = Scratch::with_files("cli-input", &[("input.json", &order_input("bob"))])?;
     let file = dir.join("input.json");
-    std::fs::write(&file, order_input("bob"))?;
     let from_file = env
         .json(&[
             "start",
@@ -310,7 +309,6 @@ async fn start_get_and_list_in_both_forms() -> anyhow::Result<()> {
         );
     }
 
-    let _ = std::fs::remove_dir_all(dir);
     env.stop().await
 }
 
@@ -685,7 +683,7 @@ async fn defs_validate_checks_files_without_a_server() -> anyhow::Result<()> {
     let bad_name = good
         .replacen("name = \"order_fulfillment\"", "name = \"other\"", 1)
         .replacen("name = \"create_order\"", "name = \"\"", 1);
-    let dir = defs_dir(&[
+    let dir = Scratch::defs(&[
         ("a_good.toml", &good),
         ("b_jitter.toml", &bad_jitter),
         ("c_step.toml", &bad_name),
@@ -748,7 +746,7 @@ async fn defs_validate_checks_files_without_a_server() -> anyhow::Result<()> {
         bad_minimum != good,
         "the demo schema no longer has amount_cents' minimum"
     );
-    let schemas = defs_dir(&[
+    let schemas = Scratch::defs(&[
         ("a_good.toml", &good),
         ("b_minimum.toml", &bad_minimum),
         ("c_file.toml", &missing_file),
@@ -792,7 +790,6 @@ async fn defs_validate_checks_files_without_a_server() -> anyhow::Result<()> {
         run.stdout.trim(),
         format!("ok: 1 definition in {schemas_text}")
     );
-    let _ = std::fs::remove_dir_all(schemas);
 
     // A folder that is not there.
     let missing = dir.join("absent").display().to_string();
@@ -802,6 +799,5 @@ async fn defs_validate_checks_files_without_a_server() -> anyhow::Result<()> {
     assert_eq!(report["valid"], json!(false));
     assert_eq!(report["errors"][0]["file"], json!(missing));
 
-    let _ = std::fs::remove_dir_all(dir);
     Ok(())
 }
