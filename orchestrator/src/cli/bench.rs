@@ -1,6 +1,6 @@
 //! `sagactl bench`: starts N sagas, C at a time, waits for each to end (long-polling
 //! `GetSaga` with `min_version`), and reports throughput and the latency from the `StartSaga`
-//! call to the terminal status seen.
+//! call to the terminal status seen. A progress bar shows on stderr when it is a terminal.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -11,7 +11,7 @@ use futures::{StreamExt as _, TryStreamExt as _};
 use sagad_proto::v1 as pb;
 use serde_json::{Map, Value, json};
 
-use super::{BenchArgs, Client, is_terminal, rpc_error, to_struct, wait_for_end};
+use super::{BenchArgs, Server, is_terminal, progress_bar, to_struct, wait_for_end};
 
 /// The input used when `--input` is not given (the demo domain's order).
 fn default_input() -> Map<String, Value> {
@@ -27,18 +27,67 @@ fn default_input() -> Map<String, Value> {
     }
 }
 
+/// The destination the demo's shipping-service refuses by default.
+const REFUSED_COUNTRY: &str = "AQ";
+
+/// Whether saga `index` of the run goes to the refused destination: `fraction` of them, spread
+/// evenly over the run.
+fn refused(index: u32, fraction: f64) -> bool {
+    let before = (f64::from(index) * fraction).floor();
+    let after = (f64::from(index + 1) * fraction).floor();
+    after > before
+}
+
+/// How many sagas ended so far, by how: for the progress bar and the timeout's message.
+#[derive(Default)]
+struct Tally {
+    completed: AtomicU32,
+    compensated: AtomicU32,
+    failed: AtomicU32,
+}
+
+impl Tally {
+    fn add(&self, status: i32) {
+        let counter = match pb::SagaStatus::try_from(status) {
+            Ok(pb::SagaStatus::Completed) => &self.completed,
+            Ok(pb::SagaStatus::Compensated) => &self.compensated,
+            _ => &self.failed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn ended(&self) -> u32 {
+        self.completed.load(Ordering::Relaxed)
+            + self.compensated.load(Ordering::Relaxed)
+            + self.failed.load(Ordering::Relaxed)
+    }
+
+    fn text(&self) -> String {
+        format!(
+            "{} completed, {} compensated, {} failed",
+            self.completed.load(Ordering::Relaxed),
+            self.compensated.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed)
+        )
+    }
+}
+
 /// Runs the benchmark and returns its report.
 pub(super) async fn run(
-    client: &Client,
+    server: &Server,
     args: &BenchArgs,
     input: Option<Map<String, Value>>,
 ) -> anyhow::Result<Vec<(&'static str, Value)>> {
     let input = input.unwrap_or_else(default_input);
     let fresh_customer = !input.contains_key("customer_id");
+    let progress = progress_bar(
+        Some(u64::from(args.sagas)),
+        "{elapsed_precise} [{bar:30}] {pos}/{len} sagas ended, {wide_msg}",
+    );
     let began = Instant::now();
-    let ended = AtomicU32::new(0);
+    let tally = Tally::default();
     let all = futures::stream::iter(0..args.sagas)
-        .map(|_| {
+        .map(|index| {
             let mut input = input.clone();
             if fresh_customer {
                 input.insert(
@@ -46,21 +95,31 @@ pub(super) async fn run(
                     Value::String(uuid::Uuid::new_v4().to_string()),
                 );
             }
-            let ended = &ended;
-            let saga = one_saga(client.clone(), args.saga_type.clone(), input);
+            if refused(index, args.refused_fraction) {
+                input.insert(
+                    "country".to_owned(),
+                    Value::String(REFUSED_COUNTRY.to_owned()),
+                );
+            }
+            let (tally, progress) = (&tally, &progress);
+            let saga = one_saga(server, args.saga_type.clone(), input);
             async move {
                 let outcome = saga.await?;
-                ended.fetch_add(1, Ordering::Relaxed);
+                tally.add(outcome.1);
+                progress.inc(1);
+                progress.set_message(tally.text());
                 anyhow::Ok(outcome)
             }
         })
         .buffer_unordered(args.concurrency as usize)
         .try_collect::<Vec<(Duration, i32)>>();
-    let Ok(outcomes) = tokio::time::timeout(args.timeout, all).await else {
+    let finished = tokio::time::timeout(args.timeout, all).await;
+    progress.finish_and_clear();
+    let Ok(outcomes) = finished else {
         bail!(
             "bench did not finish within {}: {} of {} sagas ended",
             humantime::format_duration(args.timeout),
-            ended.load(Ordering::Relaxed),
+            tally.ended(),
             args.sagas
         );
     };
@@ -71,21 +130,21 @@ pub(super) async fn run(
 
 /// Starts one saga and waits for it to end: its latency and terminal status.
 async fn one_saga(
-    mut client: Client,
+    server: &Server,
     saga_type: String,
     input: Map<String, Value>,
 ) -> anyhow::Result<(Duration, i32)> {
     let started = Instant::now();
-    let response = client
+    let answer = server
+        .client()
         .start_saga(pb::StartSagaRequest {
             saga_type,
             idempotency_key: String::new(),
             input: Some(to_struct(input)?),
             correlation_id: String::new(),
         })
-        .await
-        .map_err(rpc_error)?
-        .into_inner();
+        .await;
+    let response = server.answer(answer).await?;
     let (version, status) = response
         .saga
         .as_ref()
@@ -93,7 +152,7 @@ async fn one_saga(
     if is_terminal(status) {
         return Ok((started.elapsed(), status));
     }
-    let saga = wait_for_end(&mut client, &response.saga_id, version + 1).await?;
+    let saga = wait_for_end(server, &response.saga_id, version + 1, |_| {}).await?;
     Ok((started.elapsed(), saga.status))
 }
 
@@ -160,6 +219,16 @@ fn report(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_refused_fraction_is_spread_over_the_run() {
+        let picked = |fraction| (0..100).filter(|&index| refused(index, fraction)).count();
+        assert_eq!(picked(0.0), 0);
+        assert_eq!(picked(0.25), 25);
+        assert_eq!(picked(1.0), 100);
+        let quarter: Vec<u32> = (0..8).filter(|&index| refused(index, 0.25)).collect();
+        assert_eq!(quarter, [3, 7]);
+    }
 
     #[test]
     fn percentiles_use_the_nearest_rank() {

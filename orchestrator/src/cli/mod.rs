@@ -5,7 +5,7 @@
 mod bench;
 mod render;
 
-use std::io::Write as _;
+use std::io::{IsTerminal as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -13,20 +13,33 @@ use std::time::Duration;
 use anyhow::{Context as _, anyhow, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use futures::StreamExt as _;
+use indicatif::{ProgressBar, ProgressStyle};
 use sagad_proto::v1 as pb;
 use sagad_proto::v1::saga_orchestrator_client::SagaOrchestratorClient;
 use serde_json::{Map, Value, json};
 use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
 
 use crate::definition::DefinitionSet;
+use render::Fit;
 
 /// The client every command uses.
 pub type Client = SagaOrchestratorClient<Channel>;
 
 /// How long connecting to sagad may take before the command gives up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the health check that tells sagad from another server may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 /// The largest page `ListSagas` serves.
 const MAX_PAGE_SIZE: u32 = 1000;
+/// The gRPC service sagad serves, as its health service knows it.
+const SAGAD_SERVICE: &str = "sagad.v1.SagaOrchestrator";
+
+/// `start --wait`'s exit codes besides 0 (it ended COMPLETED) and 1 (an error).
+const EXIT_COMPENSATED: u8 = 3;
+const EXIT_FAILED: u8 = 4;
+const EXIT_TIMED_OUT: u8 = 5;
 
 /// The command line of `sagactl`.
 #[derive(Debug, Parser)]
@@ -47,6 +60,10 @@ pub struct Cli {
     /// `table` for people, `json` for one JSON object per line.
     #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
+    /// Tables: print long values whole instead of cutting them (with `…`) to fit 100 columns.
+    /// JSON is never cut.
+    #[arg(long, global = true)]
+    pub wide: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -60,6 +77,10 @@ pub enum Output {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Start a saga.
+    #[command(
+        after_help = "Exit codes with --wait: 0 the saga COMPLETED, 3 it was COMPENSATED, \
+                            4 it FAILED, 5 --timeout passed first, 1 an error."
+    )]
     Start {
         /// The saga type (the `name` of a definition).
         saga_type: String,
@@ -69,10 +90,15 @@ pub enum Command {
         /// Starting again with the same key returns the same saga.
         #[arg(long, default_value = "")]
         idempotency_key: String,
-        /// Wait until the saga has ended, then print it as `get` does.
+        /// Sent to every participant as x-correlation-id, to follow the saga through their
+        /// logs (default: the saga id).
+        #[arg(long, default_value = "")]
+        correlation_id: String,
+        /// Wait until the saga has ended, then print it as `get` does; the exit code says how
+        /// it ended (below). A progress line shows on stderr when it is a terminal.
         #[arg(long)]
         wait: bool,
-        /// With --wait: give up, exiting non-zero, if the saga has not ended within this time
+        /// With --wait: give up, exiting 5, if the saga has not ended within this time
         /// ("90s", "10m"); the saga itself goes on.
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, requires = "wait")]
         timeout: Duration,
@@ -91,11 +117,15 @@ pub enum Command {
         /// FAILED); repeat the flag or separate with commas.
         #[arg(long, value_delimiter = ',')]
         status: Vec<String>,
-        /// At most this many sagas.
+        /// Only stuck sagas: running or compensating, with a step that has kept failing for
+        /// longer than sagad's --stuck-after.
+        #[arg(long)]
+        stuck: bool,
+        /// At most this many sagas (the newest); stderr says when more match.
         #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
         limit: u32,
     },
-    /// Print a saga's events as they happen, until it ends.
+    /// Print a saga's events, from the first, as they happen; exits once it has ended.
     Watch {
         /// The saga id.
         id: String,
@@ -108,10 +138,17 @@ pub enum Command {
         #[arg(long, default_value = "")]
         reason: String,
     },
-    /// Resume the compensation of a FAILED saga.
+    /// Resume the compensation of a FAILED saga, once the cause is fixed.
     Retry {
         /// The saga id.
         id: String,
+        /// Why, recorded in the saga's history with who asked.
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Record this step as compensated by hand instead of calling its compensation (a step
+        /// whose compensation failed, or one still to come); repeat for more steps.
+        #[arg(long = "skip", value_name = "STEP")]
+        skip: Vec<String>,
     },
     /// Start many sagas, wait for each to end, and report throughput and latency.
     Bench(BenchArgs),
@@ -138,7 +175,7 @@ pub struct BenchArgs {
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub sagas: u32,
     /// How many run at the same time.
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
     pub concurrency: u32,
     /// The saga type.
     #[arg(long = "type", default_value = "order_fulfillment")]
@@ -147,9 +184,25 @@ pub struct BenchArgs {
     /// a fresh one.
     #[arg(long)]
     pub input: Option<String>,
+    /// This fraction (0 to 1) of the sagas go to country AQ, which the demo's shipping-service
+    /// refuses: their payment is refunded and their order cancelled, so compensation is
+    /// measured too.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_fraction)]
+    pub refused_fraction: f64,
     /// Give up if the sagas have not all ended within this time ("90s", "10m").
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+}
+
+fn parse_fraction(text: &str) -> Result<f64, String> {
+    let fraction: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number"))?;
+    if (0.0..=1.0).contains(&fraction) {
+        Ok(fraction)
+    } else {
+        Err(format!("{fraction} is not between 0 and 1"))
+    }
 }
 
 /// Runs `sagactl` with the process's arguments; the exit code says whether it worked.
@@ -166,7 +219,7 @@ pub fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(error) => {
             eprintln!("sagactl: {error:#}");
             ExitCode::FAILURE
@@ -174,14 +227,16 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// Runs one command.
-pub async fn run(cli: Cli) -> anyhow::Result<()> {
+/// Runs one command; the exit code it asks for (errors are returned, and exit 1).
+pub async fn run(cli: Cli) -> anyhow::Result<u8> {
+    let fit = Fit::new(cli.wide);
     // Checking files needs no server.
     if let Command::Defs {
         command: DefsCommand::Validate { dir },
     } = &cli.command
     {
-        return validate_defs(cli.output, dir);
+        validate_defs(cli.output, fit, dir)?;
+        return Ok(0);
     }
     // Input is checked before connecting: a typo should not wait on the network.
     let start_input = match &cli.command {
@@ -202,94 +257,104 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             .collect::<anyhow::Result<Vec<_>>>()?,
         _ => Vec::new(),
     };
-    let mut client = connect(&cli.server).await?;
+    let server = Server::connect(&cli.server).await?;
+    let mut client = server.client();
     let output = cli.output;
     match cli.command {
         Command::Start {
             saga_type,
             idempotency_key,
+            correlation_id,
             wait,
             timeout,
             ..
         } => {
             let input = start_input.unwrap_or_default();
-            let response = client
+            let answer = client
                 .start_saga(pb::StartSagaRequest {
                     saga_type,
                     idempotency_key,
                     input: Some(to_struct(input)?),
-                    correlation_id: String::new(),
+                    correlation_id,
                 })
-                .await
-                .map_err(rpc_error)?
-                .into_inner();
+                .await;
+            let response = server.answer(answer).await?;
             if wait {
-                return start_and_wait(&mut client, output, response, timeout).await;
+                return start_and_wait(&server, output, fit, response, timeout).await;
             }
             let status = response.saga.as_ref().map_or(0, |saga| saga.status);
             emit_fields(
                 output,
+                fit,
                 &[
                     ("saga_id", Value::from(response.saga_id)),
                     ("created", Value::from(response.created)),
                     ("status", Value::from(render::saga_status(status))),
                 ],
-            )
+            )?;
         }
         Command::Get { id } => {
-            let saga = client
+            let answer = client
                 .get_saga(pb::GetSagaRequest {
                     saga_id: id,
+                    view: pb::SagaView::Full as i32,
                     ..Default::default()
                 })
-                .await
-                .map_err(rpc_error)?
-                .into_inner();
-            emit_saga(output, &saga)
+                .await;
+            emit_saga(output, fit, &server.answer(answer).await?)?;
         }
         Command::List {
-            saga_type, limit, ..
-        } => list(&mut client, output, saga_type, list_statuses, limit).await,
-        Command::Watch { id } => watch(&mut client, output, id).await,
+            saga_type,
+            stuck,
+            limit,
+            ..
+        } => {
+            let filters = ListFilters {
+                saga_type: saga_type.unwrap_or_default(),
+                statuses: list_statuses,
+                stuck,
+            };
+            list(&server, output, fit, &filters, limit).await?;
+        }
+        Command::Watch { id } => watch(&server, output, fit, id).await?,
         Command::Cancel { id, reason } => {
-            let saga = client
+            let answer = client
                 .cancel_saga(pb::CancelSagaRequest {
                     saga_id: id,
                     reason,
                 })
-                .await
-                .map_err(rpc_error)?
-                .into_inner();
-            emit_saga(output, &saga)
+                .await;
+            emit_saga(output, fit, &server.answer(answer).await?)?;
         }
-        Command::Retry { id } => {
-            let saga = client
+        Command::Retry { id, reason, skip } => {
+            let answer = client
                 .retry_saga(pb::RetrySagaRequest {
                     saga_id: id,
-                    ..Default::default()
+                    reason,
+                    skip_steps: skip,
                 })
-                .await
-                .map_err(rpc_error)?
-                .into_inner();
-            emit_saga(output, &saga)
+                .await;
+            emit_saga(output, fit, &server.answer(answer).await?)?;
         }
         Command::Bench(args) => {
-            let report = bench::run(&client, &args, bench_input).await?;
-            emit_fields(output, &report)
+            let report = bench::run(&server, &args, bench_input).await?;
+            emit_fields(output, fit, &report)?;
         }
         // Handled above, before connecting.
         Command::Defs { .. } => bail!("defs commands run without a server"),
     }
+    Ok(0)
 }
 
 /// `start --wait`: waits for the saga `StartSaga` answered with to end, then prints it as
-/// `get` does (JSON with `created` added).
+/// `get` does (JSON with `created` added); the exit code says how it ended.
 async fn start_and_wait(
-    client: &mut Client,
+    server: &Server,
     output: Output,
+    fit: Fit,
     started: pb::StartSagaResponse,
     timeout: Duration,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<u8> {
     let saga_id = started.saga_id;
     // A saga that has already ended (an idempotency key used before) is read as it is.
     let min_version = started.saga.as_ref().map_or(1, |saga| {
@@ -299,31 +364,133 @@ async fn start_and_wait(
             saga.version + 1
         }
     });
-    let Ok(saga) = tokio::time::timeout(timeout, wait_for_end(client, &saga_id, min_version)).await
-    else {
-        bail!(
-            "saga {saga_id} has not ended within {}; it goes on: `sagactl get {saga_id}` shows \
-             where it is",
+    let progress = spinner(&saga_id);
+    if let Some(saga) = &started.saga {
+        progress.set_message(progress_text(saga));
+    }
+    let waited = tokio::time::timeout(
+        timeout,
+        wait_for_end(server, &saga_id, min_version, |saga| {
+            progress.set_message(progress_text(saga));
+        }),
+    )
+    .await;
+    progress.finish_and_clear();
+    let Ok(ended) = waited else {
+        eprintln!(
+            "sagactl: saga {saga_id} has not ended within {}; it goes on: `sagactl get \
+             {saga_id}` shows where it is",
             humantime::format_duration(timeout)
         );
+        return Ok(EXIT_TIMED_OUT);
     };
-    let saga = saga?;
+    let ended = ended?;
+    // The long-poll reads the basic view; the ended saga is printed whole.
+    let answer = server
+        .client()
+        .get_saga(pb::GetSagaRequest {
+            saga_id: saga_id.clone(),
+            min_version: ended.version,
+            view: pb::SagaView::Full as i32,
+            ..Default::default()
+        })
+        .await;
+    let saga = server.answer(answer).await?;
     match output {
         Output::Json => {
             let mut json = render::saga_json(&saga);
             if let Value::Object(fields) = &mut json {
                 fields.insert("created".to_owned(), Value::from(started.created));
             }
-            emit_json(&json)
+            emit_json(&json)?;
         }
-        Output::Table => emit(&render::saga_table(&saga)),
+        Output::Table => emit(&render::saga_table(&saga, fit, chrono::Utc::now()))?,
     }
+    Ok(match pb::SagaStatus::try_from(saga.status) {
+        Ok(pb::SagaStatus::Completed) => 0,
+        Ok(pb::SagaStatus::Compensated) => EXIT_COMPENSATED,
+        _ => EXIT_FAILED,
+    })
+}
+
+/// A progress bar on stderr while it is a terminal; hidden otherwise (pipes, scripts, tests).
+fn progress_bar(length: Option<u64>, template: &str) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = match length {
+        Some(length) => ProgressBar::new(length),
+        None => ProgressBar::new_spinner(),
+    };
+    if let Ok(style) = ProgressStyle::with_template(template) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar
+}
+
+/// `start --wait`'s line: how long it has waited, and where the saga is.
+fn spinner(saga_id: &str) -> ProgressBar {
+    let bar = progress_bar(None, "{spinner} {elapsed:>4} saga {prefix}: {wide_msg}");
+    bar.set_prefix(saga_id.to_owned());
+    bar
+}
+
+/// Where a saga is, in a few words: its status, version and the step under way.
+fn progress_text(saga: &pb::Saga) -> String {
+    let mut text = format!(
+        "{}, version {}",
+        render::saga_status(saga.status),
+        saga.version
+    );
+    let current = saga.steps.iter().find(|step| {
+        matches!(
+            pb::StepStatus::try_from(step.status),
+            Ok(pb::StepStatus::Running | pb::StepStatus::Compensating)
+        )
+    });
+    if let Some(step) = current {
+        let attempts = if step.status == pb::StepStatus::Compensating as i32 {
+            step.compensation_attempts
+        } else {
+            step.attempts
+        };
+        text.push_str(&format!(
+            ", {} {} (attempts: {attempts})",
+            render::step_status(step.status).to_lowercase(),
+            step.name
+        ));
+        if !step.last_error.is_empty() {
+            text.push_str(&format!(", last error: {}", step.last_error));
+        }
+    }
+    if saga.stuck {
+        text.push_str(", STUCK");
+    }
+    text
 }
 
 /// `defs validate DIR`: every file of the folder checked as sagad checks it at start; the
-/// report on stdout, and a non-zero exit when some file is bad.
-fn validate_defs(output: Output, dir: &Path) -> anyhow::Result<()> {
+/// report on stdout, and a non-zero exit when some file is bad or the folder is not there.
+fn validate_defs(output: Output, fit: Fit, dir: &Path) -> anyhow::Result<()> {
     let folder = dir.display().to_string();
+    let missing = if dir.is_dir() {
+        None
+    } else if dir.exists() {
+        Some("is not a folder")
+    } else {
+        Some("no such folder")
+    };
+    if let Some(problem) = missing {
+        if output == Output::Json {
+            emit_json(&json!({
+                "valid": false,
+                "definitions": 0,
+                "errors": [{"file": folder, "field": "", "message": problem}],
+            }))?;
+        }
+        bail!("defs validate {folder}: {problem}");
+    }
     let (count, errors) = match DefinitionSet::validate_dir(dir) {
         Ok(set) => (set.len(), Vec::new()),
         Err(errors) => (0, errors),
@@ -347,8 +514,9 @@ fn validate_defs(output: Output, dir: &Path) -> anyhow::Result<()> {
             } else {
                 "definitions"
             };
-            emit(&format!("ok: {count} {noun} in {folder}"))?;
+            emit(&fit.line(&format!("ok: {count} {noun} in {folder}")))?;
         }
+        // Each error whole: a cut one could hide what to fix.
         Output::Table => emit(
             &errors
                 .iter()
@@ -372,28 +540,40 @@ fn is_terminal(status: i32) -> bool {
     )
 }
 
+/// The events that end a saga's log (and its `WatchSaga` stream).
+fn is_terminal_event(event_type: &str) -> bool {
+    matches!(
+        event_type,
+        "saga_completed" | "saga_compensated" | "saga_failed"
+    )
+}
+
 /// How long one `GetSaga` long-poll waits for the next version.
 const POLL_WAIT_MS: u32 = 10_000;
 
-/// Long-polls `GetSaga`, first for `min_version`, then for each version after the one seen,
-/// until the saga has ended; returns it then, with its history.
+/// Long-polls `GetSaga` (the basic view: no history), first for `min_version`, then for each
+/// version after the one seen, until the saga has ended; `seen` hears of each version, and
+/// the ended saga is returned.
 async fn wait_for_end(
-    client: &mut Client,
+    server: &Server,
     saga_id: &str,
     mut min_version: u64,
+    mut seen: impl FnMut(&pb::Saga),
 ) -> anyhow::Result<pb::Saga> {
+    let mut client = server.client();
     loop {
         let answer = client
             .get_saga(pb::GetSagaRequest {
                 saga_id: saga_id.to_owned(),
                 min_version,
                 wait_ms: POLL_WAIT_MS,
-                ..Default::default()
+                view: pb::SagaView::Basic as i32,
             })
             .await;
         match answer {
             Ok(saga) => {
                 let saga = saga.into_inner();
+                seen(&saga);
                 if is_terminal(saga.status) {
                     return Ok(saga);
                 }
@@ -402,30 +582,109 @@ async fn wait_for_end(
             // Nothing new within the wait: ask again.
             Err(status) if status.code() == tonic::Code::DeadlineExceeded => {}
             Err(status) => {
-                return Err(rpc_error(status).context(format!("waiting for saga {saga_id}")));
+                return Err(server
+                    .error(status)
+                    .await
+                    .context(format!("waiting for saga {saga_id}")));
             }
         }
     }
 }
 
-/// Connects to sagad, or says clearly why not.
-pub async fn connect(server: &str) -> anyhow::Result<Client> {
-    let url = if server.contains("://") {
-        server.to_owned()
-    } else {
-        format!("http://{server}")
-    };
-    if !url.starts_with("http://") {
-        bail!("--server {server:?}: only http:// addresses are supported");
+/// A connection to what `--server` names, and the words for what it answers.
+pub struct Server {
+    url: String,
+    channel: Channel,
+}
+
+impl Server {
+    /// Connects, or says clearly why not.
+    pub async fn connect(server: &str) -> anyhow::Result<Server> {
+        let url = if server.contains("://") {
+            server.to_owned()
+        } else {
+            format!("http://{server}")
+        };
+        if !url.starts_with("http://") {
+            bail!("--server {server:?}: only http:// addresses are supported");
+        }
+        let endpoint = Endpoint::from_shared(url.clone())
+            .map_err(|error| anyhow!("--server {server:?} is not a valid address: {error}"))?
+            .connect_timeout(CONNECT_TIMEOUT);
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|error| anyhow!("cannot reach sagad at {url}: {}", error_chain(&error)))?;
+        Ok(Server { url, channel })
     }
-    let endpoint = Endpoint::from_shared(url.clone())
-        .map_err(|error| anyhow!("--server {server:?} is not a valid address: {error}"))?
-        .connect_timeout(CONNECT_TIMEOUT);
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|error| anyhow!("cannot reach sagad at {url}: {}", error_chain(&error)))?;
-    Ok(SagaOrchestratorClient::new(channel))
+
+    pub fn client(&self) -> Client {
+        SagaOrchestratorClient::new(self.channel.clone())
+    }
+
+    /// An RPC's answer, or its error in words (see [`error`](Self::error)).
+    pub async fn answer<T>(
+        &self,
+        answer: Result<tonic::Response<T>, tonic::Status>,
+    ) -> anyhow::Result<T> {
+        match answer {
+            Ok(response) => Ok(response.into_inner()),
+            Err(status) => Err(self.error(status).await),
+        }
+    }
+
+    /// A gRPC error as a message: the code's name, then the server's words. A code sagad does
+    /// not answer a well-formed request with (the RPC unknown, the call cancelled, or no gRPC
+    /// at all, as from an HTTP/1 server) is checked with a health check for sagad's service:
+    /// when that fails too, the other end is not sagad, and the message says so.
+    pub async fn error(&self, status: tonic::Status) -> anyhow::Error {
+        use tonic::Code;
+        let suspicious = matches!(
+            status.code(),
+            Code::Unimplemented | Code::Cancelled | Code::Unknown | Code::Internal
+        );
+        if suspicious && let Some(why) = self.not_sagad().await {
+            return anyhow!(
+                "this is not a sagad gRPC server at {} ({why}; the call answered {}): check \
+                 --server or SAGAD_ADDR (sagad's gRPC address is 127.0.0.1:50051 unless its \
+                 --listen says otherwise)",
+                self.url,
+                status_text(&status)
+            );
+        }
+        anyhow!("{}", status_text(&status))
+    }
+
+    /// Why the other end is not sagad, or `None` when its health service knows sagad's
+    /// service (or cannot be asked right now).
+    async fn not_sagad(&self) -> Option<String> {
+        let mut health = HealthClient::new(self.channel.clone());
+        let probe = health.check(HealthCheckRequest {
+            service: SAGAD_SERVICE.to_owned(),
+        });
+        match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
+            Ok(Ok(_)) => None,
+            Ok(Err(status)) => match status.code() {
+                tonic::Code::NotFound => Some(format!("it does not serve {SAGAD_SERVICE}")),
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => None,
+                _ => Some(format!(
+                    "its health check for {SAGAD_SERVICE} answered {}",
+                    status_text(&status)
+                )),
+            },
+            Err(_) => None,
+        }
+    }
+}
+
+/// A status's code name and message.
+fn status_text(status: &tonic::Status) -> String {
+    let code = code_name(status.code());
+    if status.message().is_empty() {
+        code.to_owned()
+    } else {
+        format!("{code}: {}", status.message())
+    }
 }
 
 /// An error and its sources on one line.
@@ -441,16 +700,6 @@ fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
         source = cause.source();
     }
     text
-}
-
-/// A gRPC error as a message: the code's name, then the server's words.
-pub fn rpc_error(status: tonic::Status) -> anyhow::Error {
-    let code = code_name(status.code());
-    if status.message().is_empty() {
-        anyhow!("{code}")
-    } else {
-        anyhow!("{code}: {}", status.message())
-    }
 }
 
 fn code_name(code: tonic::Code) -> &'static str {
@@ -520,30 +769,69 @@ pub fn parse_status(name: &str) -> anyhow::Result<i32> {
     }
 }
 
-async fn list(
-    client: &mut Client,
-    output: Output,
-    saga_type: Option<String>,
+/// What `list` asks the server for.
+struct ListFilters {
+    saga_type: String,
     statuses: Vec<i32>,
+    stuck: bool,
+}
+
+impl ListFilters {
+    fn request(&self, page_size: u32, page_token: String) -> pb::ListSagasRequest {
+        pb::ListSagasRequest {
+            saga_type: self.saga_type.clone(),
+            statuses: self.statuses.clone(),
+            page_size,
+            page_token,
+            stuck: self.stuck,
+        }
+    }
+
+    /// The filters as flags, for the messages.
+    fn describe(&self) -> String {
+        let mut flags = Vec::new();
+        if !self.saga_type.is_empty() {
+            flags.push(format!("--type {}", self.saga_type));
+        }
+        for status in &self.statuses {
+            flags.push(format!("--status {}", render::saga_status(*status)));
+        }
+        if self.stuck {
+            flags.push("--stuck".to_owned());
+        }
+        flags.join(" ")
+    }
+}
+
+/// `list`: the newest sagas that match, page after page up to `limit`; stderr says when
+/// nothing matched, or when more matched than `limit`.
+async fn list(
+    server: &Server,
+    output: Output,
+    fit: Fit,
+    filters: &ListFilters,
     limit: u32,
 ) -> anyhow::Result<()> {
+    let mut client = server.client();
     let mut sagas = Vec::new();
     let mut page_token = String::new();
-    while (sagas.len() as u64) < u64::from(limit) {
+    let mut more = false;
+    loop {
         let remaining = limit.saturating_sub(u32::try_from(sagas.len()).unwrap_or(u32::MAX));
-        let page = client
-            .list_sagas(pb::ListSagasRequest {
-                saga_type: saga_type.clone().unwrap_or_default(),
-                statuses: statuses.clone(),
-                page_size: remaining.min(MAX_PAGE_SIZE),
-                page_token: page_token.clone(),
-                ..Default::default()
-            })
-            .await
-            .map_err(rpc_error)?
-            .into_inner();
+        let answer = client
+            .list_sagas(filters.request(remaining.min(MAX_PAGE_SIZE), page_token))
+            .await;
+        let page = server.answer(answer).await?;
         sagas.extend(page.sagas);
         if page.next_page_token.is_empty() {
+            break;
+        }
+        if sagas.len() >= limit as usize {
+            // A token does not promise another saga: look for one.
+            let answer = client
+                .list_sagas(filters.request(1, page.next_page_token))
+                .await;
+            more = sagas.len() > limit as usize || !server.answer(answer).await?.sagas.is_empty();
             break;
         }
         page_token = page.next_page_token;
@@ -554,43 +842,74 @@ async fn list(
             for saga in &sagas {
                 emit_json(&render::saga_summary_json(saga))?;
             }
-            Ok(())
         }
-        Output::Table => emit(&render::saga_list_table(&sagas)),
+        Output::Table if sagas.is_empty() => {}
+        Output::Table => emit(&render::saga_list_table(&sagas, fit, chrono::Utc::now()))?,
     }
-}
-
-async fn watch(client: &mut Client, output: Output, saga_id: String) -> anyhow::Result<()> {
-    let mut events = client
-        .watch_saga(pb::WatchSagaRequest { saga_id })
-        .await
-        .map_err(rpc_error)?
-        .into_inner();
-    if output == Output::Table {
-        emit(&render::event_header())?;
-    }
-    while let Some(event) = events.next().await {
-        let event = event.map_err(rpc_error)?;
-        match output {
-            Output::Json => emit_json(&render::event_json(&event))?,
-            Output::Table => emit(&render::event_line(&event))?,
+    let filtered = filters.describe();
+    if sagas.is_empty() {
+        if filtered.is_empty() {
+            note("no sagas yet");
+        } else {
+            note(&format!("no sagas match {filtered}"));
         }
+    } else if more {
+        note(&format!(
+            "showing the newest {limit} sagas; more match: raise --limit or narrow the filters"
+        ));
     }
     Ok(())
 }
 
-fn emit_saga(output: Output, saga: &pb::Saga) -> anyhow::Result<()> {
+/// `watch`: each event of the `WatchSaga` stream as it comes, until the terminal one ends it.
+async fn watch(server: &Server, output: Output, fit: Fit, saga_id: String) -> anyhow::Result<()> {
+    let answer = server
+        .client()
+        .watch_saga(pb::WatchSagaRequest {
+            saga_id: saga_id.clone(),
+        })
+        .await;
+    let mut events = server.answer(answer).await?;
+    if output == Output::Table {
+        emit(&render::event_header(fit))?;
+    }
+    let mut last = None;
+    while let Some(event) = events.next().await {
+        let event = match event {
+            Ok(event) => event,
+            Err(status) => return Err(server.error(status).await),
+        };
+        match output {
+            Output::Json => emit_json(&render::event_json(&event))?,
+            Output::Table => emit(&render::event_line(&event, fit))?,
+        }
+        last = Some(event);
+    }
+    match last {
+        Some(event) if is_terminal_event(&event.r#type) => Ok(()),
+        last => bail!(
+            "the stream of saga {saga_id} ended before the saga did (last event: {}); `sagactl \
+             watch {saga_id}` again to follow it",
+            last.map_or("none".to_owned(), |event| format!(
+                "{} {}",
+                event.seq, event.r#type
+            ))
+        ),
+    }
+}
+
+fn emit_saga(output: Output, fit: Fit, saga: &pb::Saga) -> anyhow::Result<()> {
     match output {
         Output::Json => emit_json(&render::saga_json(saga)),
-        Output::Table => emit(&render::saga_table(saga)),
+        Output::Table => emit(&render::saga_table(saga, fit, chrono::Utc::now())),
     }
 }
 
 /// A flat result: one JSON object, or `key  value` lines.
-fn emit_fields(output: Output, fields: &[(&str, Value)]) -> anyhow::Result<()> {
+fn emit_fields(output: Output, fit: Fit, fields: &[(&str, Value)]) -> anyhow::Result<()> {
     match output {
         Output::Json => emit_json(&render::object(fields)),
-        Output::Table => emit(&render::key_values(fields)),
+        Output::Table => emit(&render::key_values(fields, fit)),
     }
 }
 
@@ -606,4 +925,9 @@ fn emit(text: &str) -> anyhow::Result<()> {
     writeln!(stdout, "{text}")
         .and_then(|()| stdout.flush())
         .context("cannot write to stdout")
+}
+
+/// A remark about the result, on stderr: stdout holds only the result itself.
+fn note(text: &str) {
+    eprintln!("sagactl: {text}");
 }
