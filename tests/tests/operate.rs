@@ -523,7 +523,7 @@ async fn the_basic_view_leaves_the_history_out() -> anyhow::Result<()> {
     let mut env = Env::start("view", Arc::new(|call, _| default_answer(call)), &[]).await?;
     let saga_id = start_saga(&mut env.client, "ops", input("c-view")).await?;
     wait_terminal(&mut env.client, &saga_id, DEADLINE).await?;
-    let mut read = |view: SagaView| {
+    let read = |view: SagaView| {
         let mut client = env.client.clone();
         let saga_id = saga_id.clone();
         async move {
