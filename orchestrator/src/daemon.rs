@@ -43,8 +43,15 @@ pub async fn serve(
         ttl: config.lease_ttl,
         poll_interval: config.poll_interval,
     };
-    let (engine, resumed) =
-        Engine::start(store.clone(), writer, definitions, participants, timing).await?;
+    let (engine, resumed) = Engine::start(
+        store.clone(),
+        writer,
+        definitions,
+        participants,
+        timing,
+        config.stuck_after,
+    )
+    .await?;
     health.set_serving::<SagaOrchestratorServer<Api>>().await;
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()

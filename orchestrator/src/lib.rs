@@ -13,3 +13,4 @@ pub mod document;
 pub mod engine;
 pub mod saga;
 pub mod store;
+pub mod trace;
