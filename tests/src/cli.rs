@@ -80,3 +80,17 @@ pub async fn sagactl_with_env(args: &[&str], env: &[(&str, &str)]) -> anyhow::Re
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     })
 }
+
+/// Starts `sagactl` with these arguments and its stdout piped, for a test that reads what it
+/// prints while it runs (`watch`); killed if dropped.
+pub fn spawn_sagactl(args: &[&str]) -> anyhow::Result<tokio::process::Child> {
+    Command::new(crate::daemon::binary("sagactl")?)
+        .args(args)
+        .env_remove("SAGAD_ADDR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting sagactl")
+}

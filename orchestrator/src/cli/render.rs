@@ -563,15 +563,6 @@ fn event_detail(event: &pb::SagaEvent) -> String {
         Some(Value::Null) => parts.push("no attempts left".to_owned()),
         _ => {}
     }
-    let skipped = match data.get("skip_steps") {
-        Some(Value::Array(steps)) if !steps.is_empty() => {
-            steps.iter().map(value_text).collect::<Vec<_>>().join(", ")
-        }
-        _ => String::new(),
-    };
-    if !skipped.is_empty() {
-        parts.push(format!("skip {skipped}"));
-    }
     if !text("requested_by").is_empty() {
         parts.push(format!("by {}", text("requested_by")));
     }
@@ -791,6 +782,14 @@ mod tests {
         assert_eq!(
             event_detail(&exhausted),
             "attempt 6; timeout; no attempts left"
+        );
+        let retried = event(
+            "retry_requested",
+            json!({"reason": "refunds work again", "requested_by": "client 127.0.0.1:5"}),
+        );
+        assert_eq!(
+            event_detail(&retried),
+            "refunds work again; by client 127.0.0.1:5"
         );
         let started = event("saga_started", json!({"input": {"a": 1.0}}));
         assert_eq!(event_detail(&started), "");
