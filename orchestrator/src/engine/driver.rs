@@ -58,6 +58,7 @@ pub(super) async fn drive(engine: &Engine, mut saga: Saga, bell: &Notify, tenure
                 }
                 let call = prepare_call(&saga, command);
                 let participant = call.participant.clone();
+                let timeout = call.timeout;
                 let started = std::time::Instant::now();
                 // A call in flight is allowed to finish at shutdown (it is bounded by the step's
                 // timeout); a cancellation interrupts it, and the step is compensated. A ring
@@ -92,7 +93,13 @@ pub(super) async fn drive(engine: &Engine, mut saga: Saga, bell: &Notify, tenure
                 let Some(outcome) = outcome else {
                     continue;
                 };
-                record_call_metrics(&participant, command.kind, &outcome, started.elapsed());
+                record_call_metrics(
+                    &participant,
+                    command.kind,
+                    &outcome,
+                    started.elapsed(),
+                    timeout,
+                );
                 let outcome = within_context_limit(&saga, outcome);
                 saga.record_outcome(command, outcome, Utc::now(), fastrand::f64())
             }
@@ -145,7 +152,14 @@ fn prepare_call(saga: &Saga, command: Command) -> Call {
     }
 }
 
-fn record_call_metrics(participant: &str, kind: CommandKind, outcome: &Outcome, took: Duration) {
+/// A transient outcome that came once the step's timeout had run out is counted as `timeout`.
+fn record_call_metrics(
+    participant: &str,
+    kind: CommandKind,
+    outcome: &Outcome,
+    took: Duration,
+    timeout: Duration,
+) {
     let kind = match kind {
         CommandKind::Execute => "execute",
         CommandKind::Compensate => "compensate",
@@ -153,6 +167,7 @@ fn record_call_metrics(participant: &str, kind: CommandKind, outcome: &Outcome, 
     let outcome = match outcome {
         Outcome::Success { .. } | Outcome::OutputRejected { .. } => "success",
         Outcome::Refused { .. } => "refused",
+        Outcome::Transient { .. } if took >= timeout => "timeout",
         Outcome::Transient { .. } => "transient",
     };
     let participant = participant.to_owned();
@@ -201,6 +216,19 @@ async fn commit(engine: &Engine, saga: &Saga, events: Vec<Event>, tenure: &Tenur
                     "status" => next.status().as_str()
                 )
                 .increment(1);
+                // A saga's id is a UUIDv7: it carries the millisecond the saga was started.
+                if let Some(started) = next.id.get_timestamp() {
+                    let (seconds, nanos) = started.to_unix();
+                    let started = std::time::UNIX_EPOCH + Duration::new(seconds, nanos);
+                    if let Ok(took) = std::time::SystemTime::now().duration_since(started) {
+                        metrics::histogram!(
+                            "sagad_saga_duration_seconds",
+                            "saga_type" => next.saga_type.clone(),
+                            "status" => next.status().as_str()
+                        )
+                        .record(took.as_secs_f64());
+                    }
+                }
             }
             Some(next)
         }
