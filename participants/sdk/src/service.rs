@@ -218,7 +218,7 @@ impl<H: StepHandler> Participant for ParticipantService<H> {
     }
 }
 
-fn call_span(rpc: &'static str, request: &Request<StepCommand>) -> tracing::Span {
+pub(crate) fn call_span(rpc: &'static str, request: &Request<StepCommand>) -> tracing::Span {
     let metadata = |name: &str| {
         request
             .metadata()
