@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use crate::document::{self, shorten};
 use crate::engine::{Engine, EngineError, StartRequest};
-use crate::saga::{SagaStatus, StepStatus};
+use crate::saga::{CannotRetry, SagaStatus, StepStatus};
 use crate::store::{EventRecord, ListCursor, ListFilter, SagaRecord, StoreError};
 
 /// The largest page a listing returns.
@@ -57,7 +57,11 @@ impl From<EngineError> for Status {
             }
             EngineError::IdempotencyKeyReused { .. } => Status::already_exists(message),
             EngineError::NotFound(_) => Status::not_found(message),
-            EngineError::NotCancellable(_) => Status::failed_precondition(message),
+            EngineError::NotCancellable(_)
+            | EngineError::NotRetryable(CannotRetry::NotFailed(_)) => {
+                Status::failed_precondition(message)
+            }
+            EngineError::NotRetryable(_) => Status::invalid_argument(message),
             EngineError::VersionNotReached { .. } => Status::deadline_exceeded(message),
             EngineError::Contended(_) => Status::aborted(message),
             // Data the edge let through yet the database refused is still the request's.
@@ -111,7 +115,7 @@ impl SagaOrchestrator for Api {
         Ok(Response::new(pb::StartSagaResponse {
             saga_id: started.record.saga_id.to_string(),
             created: started.created,
-            saga: Some(saga_message(&started.record, Vec::new())),
+            saga: Some(self.saga_message(&started.record, Vec::new())),
         }))
     }
 
@@ -121,13 +125,27 @@ impl SagaOrchestrator for Api {
     ) -> Result<Response<pb::Saga>, Status> {
         let request = request.into_inner();
         let saga_id = parse_saga_id(&request.saga_id)?;
+        let basic = match pb::SagaView::try_from(request.view) {
+            Ok(pb::SagaView::Basic) => true,
+            Ok(pb::SagaView::Full | pb::SagaView::Unspecified) => false,
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "view: {} is not a saga view",
+                    request.view
+                )));
+            }
+        };
         let wait = Duration::from_millis(u64::from(request.wait_ms)).min(MAX_WAIT);
         let record = self
             .engine
             .get_saga(saga_id, request.min_version, wait)
             .await?;
-        let history = self.engine.history(saga_id).await?;
-        Ok(Response::new(saga_message(&record, history)))
+        let history = if basic {
+            Vec::new()
+        } else {
+            self.engine.history(saga_id).await?
+        };
+        Ok(Response::new(self.saga_message(&record, history)))
     }
 
     async fn list_sagas(
@@ -160,6 +178,7 @@ impl SagaOrchestrator for Api {
         let filter = ListFilter {
             saga_type: Some(request.saga_type).filter(|saga_type| !saga_type.is_empty()),
             statuses,
+            failing_before: request.stuck.then(|| self.engine.stuck_cutoff()),
             // One more than asked tells whether another page follows.
             limit: page_size + 1,
             after,
@@ -170,7 +189,7 @@ impl SagaOrchestrator for Api {
         let mut bytes = 0;
         let mut last = None;
         for record in records.iter().take(page_size as usize) {
-            let saga = saga_message(record, Vec::new());
+            let saga = self.saga_message(record, Vec::new());
             bytes += saga.encoded_len();
             if bytes > MAX_PAGE_BYTES && !sagas.is_empty() {
                 break;
@@ -192,11 +211,15 @@ impl SagaOrchestrator for Api {
 
     async fn watch_saga(
         &self,
-        _request: Request<pb::WatchSagaRequest>,
+        request: Request<pb::WatchSagaRequest>,
     ) -> Result<Response<Self::WatchSagaStream>, Status> {
-        Err(Status::unimplemented(
-            "WatchSaga is not available yet: GetSaga returns the history",
-        ))
+        let saga_id = parse_saga_id(&request.into_inner().saga_id)?;
+        let events = self.engine.watch(saga_id).await?;
+        let stream = futures::stream::unfold(events, |mut events| async move {
+            let event = events.recv().await?;
+            Some((event.map(event_message).map_err(Status::from), events))
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn cancel_saga(
@@ -213,14 +236,40 @@ impl SagaOrchestrator for Api {
         };
         let record = self.engine.cancel_saga(saga_id, &reason).await?;
         let history = self.engine.history(saga_id).await?;
-        Ok(Response::new(saga_message(&record, history)))
+        Ok(Response::new(self.saga_message(&record, history)))
     }
 
     async fn retry_saga(
         &self,
-        _request: Request<pb::RetrySagaRequest>,
+        request: Request<pb::RetrySagaRequest>,
     ) -> Result<Response<pb::Saga>, Status> {
-        Err(Status::unimplemented("RetrySaga is not available yet"))
+        let requested_by = who_asks(&request);
+        let request = request.into_inner();
+        let saga_id = parse_saga_id(&request.saga_id)?;
+        check_text("reason", &request.reason, MAX_REASON_BYTES)?;
+        for step in &request.skip_steps {
+            check_text("skip_steps", step, MAX_SAGA_TYPE_BYTES)?;
+        }
+        let reason = if request.reason.is_empty() {
+            "retried by request".to_owned()
+        } else {
+            request.reason
+        };
+        let record = self
+            .engine
+            .retry_saga(saga_id, &reason, &requested_by, &request.skip_steps)
+            .await?;
+        let history = self.engine.history(saga_id).await?;
+        Ok(Response::new(self.saga_message(&record, history)))
+    }
+}
+
+/// Who made a request, for the history of what it changed: the client's address until
+/// requests carry a caller's name.
+fn who_asks<T>(request: &Request<T>) -> String {
+    match request.remote_addr() {
+        Some(address) => format!("client {address}"),
+        None => "a client".to_owned(),
     }
 }
 
@@ -332,8 +381,18 @@ fn event_message(event: EventRecord) -> pb::SagaEvent {
     }
 }
 
-/// A saga as the client API shows it. Never fails: whatever the store holds can be shown.
-fn saga_message(record: &SagaRecord, history: Vec<EventRecord>) -> pb::Saga {
+impl Api {
+    /// A saga as the client API shows it. Never fails: whatever the store holds can be shown.
+    fn saga_message(&self, record: &SagaRecord, history: Vec<EventRecord>) -> pb::Saga {
+        let stuck = record
+            .projection
+            .failing_since
+            .is_some_and(|since| since < self.engine.stuck_cutoff());
+        saga_message(record, history, stuck)
+    }
+}
+
+fn saga_message(record: &SagaRecord, history: Vec<EventRecord>, stuck: bool) -> pb::Saga {
     let projection = &record.projection;
     let steps = projection
         .steps
@@ -346,7 +405,7 @@ fn saga_message(record: &SagaRecord, history: Vec<EventRecord>) -> pb::Saga {
             compensation_attempts: step.compensation_attempts,
             last_error: step.last_error.clone().unwrap_or_default(),
             output: step.output.as_ref().and_then(document::to_struct),
-            next_attempt_at: None,
+            next_attempt_at: step.next_attempt_at.map(timestamp),
         })
         .collect();
     pb::Saga {
@@ -364,6 +423,6 @@ fn saga_message(record: &SagaRecord, history: Vec<EventRecord>) -> pb::Saga {
         created_at: Some(timestamp(record.created_at)),
         updated_at: Some(timestamp(record.updated_at)),
         history: history.into_iter().map(event_message).collect(),
-        stuck: false,
+        stuck,
     }
 }

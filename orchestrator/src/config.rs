@@ -67,6 +67,12 @@ pub struct Config {
     /// the lease TTL plus this.
     #[arg(long, env = "SAGAD_POLL_INTERVAL", default_value = "1s", value_parser = parse_poll_interval)]
     pub poll_interval: Duration,
+
+    /// A running or compensating saga whose current step has kept failing (retrying) for
+    /// longer than this is stuck: `ListSagas{stuck}`, `sagactl list --stuck`, and the gauge
+    /// `sagad_sagas_stuck` show it.
+    #[arg(long, env = "SAGAD_STUCK_AFTER", default_value = "60s", value_parser = parse_stuck_after)]
+    pub stuck_after: Duration,
 }
 
 /// How log lines are written.
@@ -146,6 +152,14 @@ fn parse_participant(value: &str) -> Result<(String, String), String> {
 
 fn parse_lease_ttl(value: &str) -> Result<Duration, String> {
     parse_duration_within(value, Duration::from_millis(500), Duration::from_secs(3600))
+}
+
+fn parse_stuck_after(value: &str) -> Result<Duration, String> {
+    parse_duration_within(
+        value,
+        Duration::from_secs(1),
+        Duration::from_secs(7 * 24 * 3600),
+    )
 }
 
 fn parse_poll_interval(value: &str) -> Result<Duration, String> {

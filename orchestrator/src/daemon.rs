@@ -19,7 +19,7 @@ use crate::definition::DefinitionSet;
 use crate::engine::{Engine, LeaseTiming, Participants};
 use crate::http::Readiness;
 use crate::store::{Store, Writer};
-use crate::telemetry::Metrics;
+use crate::telemetry::{ActivityGauges, Metrics};
 
 /// How often the metrics' upkeep and the sample of the sagas in the database run.
 const SAMPLE_EVERY: Duration = Duration::from_secs(5);
@@ -50,6 +50,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let (definitions, participants) = check(&config)?;
     crate::telemetry::preset(&definitions);
+    let gauges = ActivityGauges::new(&definitions);
     let ready = ReadySwitch::default();
     let stop_http = CancellationToken::new();
     // Whatever way this function ends, the HTTP server ends with it.
@@ -76,11 +77,26 @@ pub async fn serve(
         ttl: config.lease_ttl,
         poll_interval: config.poll_interval,
     };
-    let (engine, resumed) =
-        Engine::start(store.clone(), writer, definitions, participants, timing).await?;
+    let (engine, resumed) = Engine::start(
+        store.clone(),
+        writer,
+        definitions,
+        participants,
+        timing,
+        config.stuck_after,
+    )
+    .await?;
     ready.set(engine.clone());
     let stop_sampling = CancellationToken::new();
-    let sampler = tokio::spawn(sample(metrics, stop_sampling.clone()));
+    // Without an HTTP server nobody reads the metrics: no sampling either.
+    let sampler = metrics.map(|metrics| {
+        tokio::spawn(sample(
+            engine.clone(),
+            metrics,
+            gauges,
+            stop_sampling.clone(),
+        ))
+    });
     health.set_serving::<SagaOrchestratorServer<Api>>().await;
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -142,7 +158,9 @@ pub async fn serve(
         );
     }
     stop_sampling.cancel();
-    let _ = tokio::time::timeout_at(deadline, sampler).await;
+    if let Some(sampler) = sampler {
+        let _ = tokio::time::timeout_at(deadline, sampler).await;
+    }
     // The HTTP server answers until the engine has drained (`/readyz` with 503 by now).
     ready.clear();
     stop_http.cancel();
@@ -195,7 +213,10 @@ impl ReadySwitch {
         let switch = self.clone();
         Arc::new(move || {
             !switch.stopping.load(Ordering::SeqCst)
-                && switch.engine.read().is_ok_and(|slot| slot.is_some())
+                && switch
+                    .engine
+                    .read()
+                    .is_ok_and(|slot| slot.as_ref().is_some_and(Engine::ready))
         })
     }
 }
@@ -203,7 +224,12 @@ impl ReadySwitch {
 /// Every [`SAMPLE_EVERY`] until `stop`: the metrics' upkeep, and one sample of the sagas in
 /// the database for the gauges. A sample that fails (the database is down) leaves the gauges
 /// as they were; the next one tries again.
-async fn sample(metrics: Option<Metrics>, stop: CancellationToken) {
+async fn sample(
+    engine: Engine,
+    metrics: Metrics,
+    mut gauges: ActivityGauges,
+    stop: CancellationToken,
+) {
     let mut every = tokio::time::interval(SAMPLE_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -211,8 +237,16 @@ async fn sample(metrics: Option<Metrics>, stop: CancellationToken) {
             () = stop.cancelled() => return,
             _ = every.tick() => {}
         }
-        if let Some(metrics) = &metrics {
-            metrics.upkeep();
+        metrics.upkeep();
+        let sampled = tokio::select! {
+            () = stop.cancelled() => return,
+            sampled = engine.sample_activity() => sampled,
+        };
+        match sampled {
+            Ok(activity) => {
+                gauges.record(&activity.active, activity.stuck, activity.oldest_active_age);
+            }
+            Err(error) => tracing::debug!(%error, "cannot sample the sagas in the database"),
         }
     }
 }

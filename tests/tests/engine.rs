@@ -919,6 +919,20 @@ async fn cancel_while_a_step_is_in_flight_compensates_it_first() -> anyhow::Resu
             .iter()
             .any(|event| event.r#type == "cancel_requested")
     );
+    // The attempt in flight counts, its outcome unknown; it is what was compensated.
+    let shipment = step(&saga, "schedule_shipment");
+    assert_eq!(shipment.attempts, 1, "{}", brief(&saga));
+    assert!(
+        shipment.last_error.contains("interrupted") && shipment.last_error.contains("unknown"),
+        "{:?}",
+        shipment.last_error
+    );
+    let interrupted = saga
+        .history
+        .iter()
+        .position(|event| event.r#type == "step_attempt_interrupted")
+        .context("no step_attempt_interrupted in the history")?;
+    assert_eq!(saga.history[interrupted].step, "schedule_shipment");
     assert_history(&saga, "saga_compensated");
     env.finish().await
 }

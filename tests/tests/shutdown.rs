@@ -1,6 +1,6 @@
-//! SIGTERM to the real sagad binary with 200 GetSaga long-polls open: it must end them at once
-//! (each answers OK with the saga as it stands, or UNAVAILABLE) and exit with status 0 within
-//! `--shutdown-grace`, rather than wait out every long-poll's 60 s.
+//! SIGTERM to the real sagad binary with 200 GetSaga long-polls and 20 WatchSaga streams open:
+//! it must end them at once (each answers OK with the saga as it stands, or UNAVAILABLE) and
+//! exit with status 0 within `--shutdown-grace`, rather than wait out every long-poll's 60 s.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, ensure};
 use sagad_e2e::*;
 use sagad_proto::v1::saga_orchestrator_client::SagaOrchestratorClient;
-use sagad_proto::v1::{GetSagaRequest, SagaStatus};
+use sagad_proto::v1::{GetSagaRequest, SagaStatus, WatchSagaRequest};
 use serde_json::json;
 use tonic::transport::Endpoint;
 
@@ -23,6 +23,10 @@ const CONNECTIONS: usize = 10;
 
 /// How many sagas are recorded before.
 const SAGAS: usize = 5;
+
+/// WatchSaga streams open on a running saga at SIGTERM, and its customer.
+const WATCHES: usize = 20;
+const WATCHED_CUSTOMER: &str = "customer-watched";
 
 /// The longest wait GetSaga honours: what a long-poll costs today at shutdown.
 const WAIT_MS: u32 = 60_000;
@@ -39,8 +43,17 @@ async fn sigterm_ends_hundreds_of_long_polls_and_exits_within_the_grace() -> any
     let mut db = DatabaseGuard::new("shutdown");
     let mut logs = Scratch::logs("shutdown")?;
     let mut participants = Vec::new();
+    // The watched saga's first call takes a while, so it is running at SIGTERM.
+    let script: participant::Script = Arc::new(|call, _| {
+        let answer = participant::default_answer(call);
+        if call.input["input"]["customer_id"] == json!(WATCHED_CUSTOMER) {
+            answer.after(Duration::from_secs(4))
+        } else {
+            answer
+        }
+    });
     for name in ["order", "payment", "shipping"] {
-        participants.push(FakeParticipant::start(name).await?);
+        participants.push(FakeParticipant::start_scripted(name, script.clone()).await?);
     }
     let mut args = vec![
         "--database-url".to_owned(),
@@ -93,6 +106,37 @@ async fn long_polls_at_sigterm(sagad: &mut SagadProcess) -> anyhow::Result<()> {
             SagaStatus::try_from(saga.status)
         );
         sagas.push(saga);
+    }
+
+    let watched_id = start_saga(
+        &mut client,
+        "order_fulfillment",
+        json!({
+            "customer_id": WATCHED_CUSTOMER,
+            "amount_cents": 500,
+            "country": "SE",
+        }),
+    )
+    .await?;
+    let mut watches = tokio::task::JoinSet::new();
+    for _ in 0..WATCHES {
+        let mut client = client.clone();
+        let saga_id = watched_id.clone();
+        watches.spawn(async move {
+            let mut stream = client
+                .watch_saga(WatchSagaRequest { saga_id })
+                .await?
+                .into_inner();
+            let ended = loop {
+                match tokio::time::timeout(GIVE_UP + SETTLE, stream.message()).await {
+                    Err(_) => break None,
+                    Ok(Ok(Some(_))) => {}
+                    Ok(Ok(None)) => break Some(tonic::Code::Ok),
+                    Ok(Err(status)) => break Some(status.code()),
+                }
+            };
+            anyhow::Ok((ended, Instant::now()))
+        });
     }
 
     let mut channels = Vec::new();
@@ -160,13 +204,23 @@ async fn long_polls_at_sigterm(sagad: &mut SagadProcess) -> anyhow::Result<()> {
     );
 
     let terminated = Instant::now();
-    let (exit, answers) = tokio::join!(tokio::time::timeout(GIVE_UP, sagad.terminate()), async {
-        let mut answers = Vec::new();
-        while let Some(answer) = polls.join_next().await {
-            answers.push(answer);
+    let (exit, answers, watched) = tokio::join!(
+        tokio::time::timeout(GIVE_UP, sagad.terminate()),
+        async {
+            let mut answers = Vec::new();
+            while let Some(answer) = polls.join_next().await {
+                answers.push(answer);
+            }
+            answers
+        },
+        async {
+            let mut ends = Vec::new();
+            while let Some(end) = watches.join_next().await {
+                ends.push(end);
+            }
+            ends
         }
-        answers
-    });
+    );
     let exit_after = terminated.elapsed();
     let status = match exit {
         Ok(status) => Some(status.context("SIGTERM")?),
@@ -216,6 +270,26 @@ async fn long_polls_at_sigterm(sagad: &mut SagadProcess) -> anyhow::Result<()> {
     ensure!(
         last_answer <= GRACE,
         "the last long-poll answered {last_answer:?} after SIGTERM, want within {GRACE:?}"
+    );
+
+    // Every watch stream ended, with UNAVAILABLE (or, had the saga ended first, its end).
+    let mut ends: BTreeMap<String, usize> = BTreeMap::new();
+    let mut last_end = Duration::ZERO;
+    for end in watched {
+        let (code, at) = end??;
+        let label = code.map_or("no end".to_owned(), |code| format!("{code:?}"));
+        *ends.entry(label).or_default() += 1;
+        last_end = last_end.max(at.saturating_duration_since(terminated));
+    }
+    println!("watch streams: {ends:?}; the last ended {last_end:?} after SIGTERM");
+    ensure!(
+        ends.keys()
+            .all(|code| code == "Unavailable" || code == "Ok"),
+        "watch streams ended otherwise: {ends:?}"
+    );
+    ensure!(
+        last_end <= GRACE,
+        "the last watch stream ended {last_end:?} after SIGTERM, want within {GRACE:?}"
     );
     Ok(())
 }

@@ -52,6 +52,7 @@ fn start(definition: &SagaDefinition, replica_id: Uuid, input: Value) -> anyhow:
             correlation_id: saga_id.to_string(),
             idempotency_key: None,
             wake_at: None,
+            failing_since: None,
         },
     })
 }

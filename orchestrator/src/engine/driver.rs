@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::lease::Tenure;
-use super::participants::Call;
+use super::participants::{Call, TIMED_OUT};
 use super::{Engine, projection};
 use crate::document;
 use crate::saga::{Command, CommandKind, Decision, Event, Outcome, Saga};
@@ -58,7 +58,6 @@ pub(super) async fn drive(engine: &Engine, mut saga: Saga, bell: &Notify, tenure
                 }
                 let call = prepare_call(&saga, command);
                 let participant = call.participant.clone();
-                let timeout = call.timeout;
                 let started = std::time::Instant::now();
                 // A call in flight is allowed to finish at shutdown (it is bounded by the step's
                 // timeout); a cancellation interrupts it, and the step is compensated. A ring
@@ -91,15 +90,17 @@ pub(super) async fn drive(engine: &Engine, mut saga: Saga, bell: &Notify, tenure
                     }
                 };
                 let Some(outcome) = outcome else {
+                    // Abandoned for a cancel: the attempt is counted, its outcome unknown.
+                    let reason = saga.failure_reason.clone().unwrap_or_default();
+                    if let Some(event) = saga.interrupted(command, &reason) {
+                        match commit(engine, &saga, vec![event], tenure).await {
+                            Some(next) => saga = next,
+                            None => return,
+                        }
+                    }
                     continue;
                 };
-                record_call_metrics(
-                    &participant,
-                    command.kind,
-                    &outcome,
-                    started.elapsed(),
-                    timeout,
-                );
+                record_call_metrics(&participant, command.kind, &outcome, started.elapsed());
                 let outcome = within_context_limit(&saga, outcome);
                 saga.record_outcome(command, outcome, Utc::now(), fastrand::f64())
             }
@@ -152,14 +153,7 @@ fn prepare_call(saga: &Saga, command: Command) -> Call {
     }
 }
 
-/// A transient outcome that came once the step's timeout had run out is counted as `timeout`.
-fn record_call_metrics(
-    participant: &str,
-    kind: CommandKind,
-    outcome: &Outcome,
-    took: Duration,
-    timeout: Duration,
-) {
+fn record_call_metrics(participant: &str, kind: CommandKind, outcome: &Outcome, took: Duration) {
     let kind = match kind {
         CommandKind::Execute => "execute",
         CommandKind::Compensate => "compensate",
@@ -167,7 +161,7 @@ fn record_call_metrics(
     let outcome = match outcome {
         Outcome::Success { .. } | Outcome::OutputRejected { .. } => "success",
         Outcome::Refused { .. } => "refused",
-        Outcome::Transient { .. } if took >= timeout => "timeout",
+        Outcome::Transient { error } if error.starts_with(TIMED_OUT) => "timeout",
         Outcome::Transient { .. } => "transient",
     };
     let participant = participant.to_owned();
@@ -207,6 +201,7 @@ async fn commit(engine: &Engine, saga: &Saga, events: Vec<Event>, tenure: &Tenur
         events,
         projection: projection(&next),
     };
+    let events_written = write.events.clone();
     match engine.inner.writer.write(write).await {
         Ok(WriteOutcome::Written) => {
             if next.status().is_terminal() {
@@ -229,6 +224,9 @@ async fn commit(engine: &Engine, saga: &Saga, events: Vec<Event>, tenure: &Tenur
                         .record(took.as_secs_f64());
                     }
                 }
+            }
+            for event in &events_written {
+                log_event(event);
             }
             Some(next)
         }
@@ -254,6 +252,48 @@ async fn commit(engine: &Engine, saga: &Saga, events: Vec<Event>, tenure: &Tenur
             }
             load_retrying(engine, saga.id, &tenure.lost).await
         }
+    }
+}
+
+/// One line for what an operator wants to hear of (refusals, giving up, compensations, the
+/// end of a saga that did not complete); the saga's span names it. Successes are debug.
+fn log_event(event: &Event) {
+    match event {
+        Event::StepRefused {
+            step, code, reason, ..
+        } => tracing::info!(step, code, reason, "step refused: compensating"),
+        Event::StepAttemptFailed {
+            step,
+            attempt,
+            error,
+            retry_at: None,
+            ..
+        } => tracing::warn!(step, attempt, error, "step failed for good: compensating"),
+        Event::StepOutputRejected { step, error, .. } => {
+            tracing::warn!(step, error, "step output rejected: compensating")
+        }
+        Event::StepAttemptInterrupted { step, attempt, .. } => {
+            tracing::info!(
+                step,
+                attempt,
+                "attempt interrupted by a cancel; compensating it"
+            )
+        }
+        Event::CompensationSucceeded { step, .. } => tracing::info!(step, "step compensated"),
+        Event::CompensationRefused {
+            step, code, reason, ..
+        } => tracing::warn!(step, code, reason, "compensation refused"),
+        Event::CompensationAttemptFailed {
+            step,
+            error,
+            retry_at: None,
+            ..
+        } => tracing::warn!(step, error, "compensation failed for good"),
+        Event::SagaCompensated => tracing::info!("saga compensated"),
+        Event::SagaFailed { reason } => {
+            tracing::error!(reason, "saga FAILED: an operator must act (RetrySaga)")
+        }
+        other => tracing::debug!(event = other.type_name(), "recorded"),
     }
 }
 

@@ -8,22 +8,24 @@ mod driver;
 mod lease;
 mod participants;
 mod takeover;
+mod watch;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use serde_json::Value;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::definition::DefinitionSet;
 use crate::document::{self, shorten};
-use crate::saga::{CannotCancel, Event, Saga};
+use crate::saga::{CannotCancel, CannotRetry, Event, Saga, SagaStatus};
 use crate::store::{
     EventRecord, Fence, ListFilter, Projection, SagaRecord, SagaWrite, Store, StoreError,
     WriteOutcome, Writer,
@@ -49,6 +51,8 @@ pub enum EngineError {
     NotFound(Uuid),
     #[error("{0}")]
     NotCancellable(#[from] CannotCancel),
+    #[error("{0}")]
+    NotRetryable(#[from] CannotRetry),
     #[error("saga {saga_id} did not reach version {min_version} in time (it is at {version})")]
     VersionNotReached {
         saga_id: Uuid,
@@ -75,6 +79,17 @@ pub struct StartRequest {
     pub correlation_id: String,
 }
 
+/// The active sagas of the database, as the sampled gauges show them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Activity {
+    /// RUNNING and COMPENSATING sagas, by type and status.
+    pub active: Vec<(String, SagaStatus, i64)>,
+    /// Of those, the stuck ones (see `--stuck-after`).
+    pub stuck: i64,
+    /// How long ago the oldest of them started.
+    pub oldest_active_age: Option<Duration>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Started {
     /// `false` when the idempotency key named a saga that already existed.
@@ -94,6 +109,9 @@ struct Inner {
     definitions: DefinitionSet,
     participants: Participants,
     lease: Lease,
+    /// How long a step may keep failing before its saga counts as stuck.
+    stuck_after: Duration,
+    watches: watch::Watches,
     /// The sagas driven by this instance.
     drivers: Mutex<HashMap<Uuid, Driven>>,
     /// Sagas whose driver gave up on a log it cannot carry on (said in the log at the time):
@@ -125,6 +143,7 @@ impl Engine {
         definitions: DefinitionSet,
         participants: Participants,
         timing: LeaseTiming,
+        stuck_after: Duration,
     ) -> Result<(Engine, usize), EngineError> {
         let since = tokio::time::Instant::now();
         let replica_id = store.register_replica(timing.ttl).await?;
@@ -136,6 +155,8 @@ impl Engine {
                 definitions,
                 participants,
                 lease: Lease::new(timing, replica_id, since),
+                stuck_after,
+                watches: watch::Watches::new(),
                 drivers: Mutex::new(HashMap::new()),
                 abandoned: Mutex::new(HashSet::new()),
                 sweep_now: Notify::new(),
@@ -306,6 +327,33 @@ impl Engine {
         }
     }
 
+    /// Whether this replica can do its work: its lease is trusted, which needs the database.
+    pub fn ready(&self) -> bool {
+        let tenure = self.inner.lease.tenure();
+        !self.inner.shutdown.is_cancelled() && self.inner.lease.holds(&tenure)
+    }
+
+    /// Sagas whose step has been failing since before this time are stuck.
+    pub fn stuck_cutoff(&self) -> DateTime<Utc> {
+        let stuck_after =
+            chrono::Duration::from_std(self.inner.stuck_after).unwrap_or(chrono::Duration::MAX);
+        Utc::now()
+            .checked_sub_signed(stuck_after)
+            .unwrap_or(DateTime::<Utc>::MIN_UTC)
+    }
+
+    /// Counts the active sagas of the whole database (every replica's), for the gauges.
+    pub async fn sample_activity(&self) -> Result<Activity, EngineError> {
+        let activity = self.inner.store.activity(self.stuck_cutoff()).await?;
+        Ok(Activity {
+            active: activity.active,
+            stuck: activity.stuck,
+            oldest_active_age: activity
+                .oldest_started_at
+                .map(|started| (Utc::now() - started).to_std().unwrap_or_default()),
+        })
+    }
+
     pub async fn history(&self, saga_id: Uuid) -> Result<Vec<EventRecord>, EngineError> {
         Ok(self.inner.store.history(saga_id).await?)
     }
@@ -374,6 +422,59 @@ impl Engine {
             return Err(EngineError::Contended(saga_id));
         }
         Ok(record)
+    }
+
+    /// Resumes the compensation of a FAILED saga, the steps in `skip` recorded as compensated
+    /// by hand; `requested_by` says who asked, for the history. The saga's owner (or, if it
+    /// has none alive, any replica) drives it on from its next sweep.
+    pub async fn retry_saga(
+        &self,
+        saga_id: Uuid,
+        reason: &str,
+        requested_by: &str,
+        skip: &[String],
+    ) -> Result<SagaRecord, EngineError> {
+        let saga = self.load(saga_id).await?;
+        let events = saga.retry(reason, requested_by, skip, Utc::now())?;
+        let mut next = saga.clone();
+        for event in &events {
+            next.apply(event).map_err(|error| EngineError::CorruptLog {
+                saga_id,
+                message: error.to_string(),
+            })?;
+        }
+        let write = SagaWrite {
+            saga_id,
+            expected_version: saga.version,
+            replica_id: self.inner.lease.tenure().replica_id,
+            fence: Fence::Request,
+            events,
+            projection: projection(&next),
+        };
+        // In a task of its own, like a start: a retry recorded is a retry carried out.
+        let engine = self.clone();
+        let written = self
+            .inner
+            .tasks
+            .spawn(async move {
+                let outcome = engine.inner.writer.write(write).await;
+                if matches!(outcome, Ok(WriteOutcome::Written)) {
+                    engine.inner.sweep_now.notify_one();
+                }
+                outcome
+            })
+            .await
+            .map_err(|_| EngineError::ShuttingDown)??;
+        if written != WriteOutcome::Written {
+            // Someone else retried it first, or it moved: the caller may look and ask again.
+            return Err(EngineError::Contended(saga_id));
+        }
+        tracing::info!(%saga_id, %requested_by, reason, skipped = ?skip, "saga retried");
+        self.inner
+            .store
+            .get_saga(saga_id)
+            .await?
+            .ok_or(EngineError::NotFound(saga_id))
     }
 
     /// Stops taking work, at once: no new saga is started, no new call is made, and every
@@ -563,19 +664,25 @@ impl Engine {
         }
         let engine = self.clone();
         metrics::gauge!("sagad_sagas_driven").increment(1.0);
-        self.inner.tasks.spawn(async move {
-            if let Some(saga) = saga.await {
-                driver::drive(&engine, saga, &bell, &tenure).await;
+        // Every line logged while driving names the saga.
+        let span = tracing::info_span!("saga", %saga_id, correlation_id = tracing::field::Empty);
+        self.inner.tasks.spawn(
+            async move {
+                if let Some(saga) = saga.await {
+                    tracing::Span::current().record("correlation_id", saga.correlation_id.as_str());
+                    driver::drive(&engine, saga, &bell, &tenure).await;
+                }
+                if let Ok(mut drivers) = engine.inner.drivers.lock()
+                    && drivers
+                        .get(&saga_id)
+                        .is_some_and(|driven| Arc::ptr_eq(&driven.bell, &bell))
+                {
+                    drivers.remove(&saga_id);
+                }
+                metrics::gauge!("sagad_sagas_driven").decrement(1.0);
             }
-            if let Ok(mut drivers) = engine.inner.drivers.lock()
-                && drivers
-                    .get(&saga_id)
-                    .is_some_and(|driven| Arc::ptr_eq(&driven.bell, &bell))
-            {
-                drivers.remove(&saga_id);
-            }
-            metrics::gauge!("sagad_sagas_driven").decrement(1.0);
-        });
+            .instrument(span),
+        );
     }
 }
 
@@ -593,6 +700,7 @@ fn projection(saga: &Saga) -> Projection {
         correlation_id: saga.correlation_id.clone(),
         idempotency_key: Some(saga.idempotency_key.clone()).filter(|key| !key.is_empty()),
         wake_at: saga.wake_at(Utc::now()),
+        failing_since: saga.failing_since(),
     }
 }
 

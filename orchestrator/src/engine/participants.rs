@@ -25,6 +25,8 @@ const MAX_COMMAND_BYTES: usize = 4 * 1024 * 1024;
 const MAX_OUTPUT_BYTES: usize = 256 * 1024;
 /// The largest reply read; a larger one is rejected without being read whole.
 const MAX_REPLY_BYTES: usize = 64 * 1024 * 1024;
+/// How the error of a call that ran out of time begins.
+pub(super) const TIMED_OUT: &str = "timed out after";
 /// The code of a refusal made by sagad itself, for a call it could not send.
 const NOT_SENT: &str = "NOT_SENT";
 
@@ -131,10 +133,7 @@ impl Participants {
         };
         Some(match reply {
             Err(_) => Outcome::Transient {
-                error: format!(
-                    "timed out after {}",
-                    humantime::format_duration(call.timeout)
-                ),
+                error: format!("{TIMED_OUT} {}", humantime::format_duration(call.timeout)),
             },
             // The channel enforces the deadline it sent as `grpc-timeout` and reports it as
             // CANCELLED: that is our timeout, not the participant's refusal.
@@ -142,10 +141,7 @@ impl Participants {
                 if status.code() == Code::Cancelled && started.elapsed() >= call.timeout =>
             {
                 Outcome::Transient {
-                    error: format!(
-                        "timed out after {}",
-                        humantime::format_duration(call.timeout)
-                    ),
+                    error: format!("{TIMED_OUT} {}", humantime::format_duration(call.timeout)),
                 }
             }
             // Our own decoder's limit: the participant answered, with more than sagad reads.

@@ -7,6 +7,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::Engine;
+use super::watch::Announcement;
+use crate::store::Change;
 
 /// How long a loop waits before trying the database again after it failed.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
@@ -15,7 +17,8 @@ pub(super) fn spawn_background(engine: &Engine) {
     let background = &engine.inner.background;
     background.spawn(keep_lease(engine.clone()));
     background.spawn(sweep(engine.clone()));
-    background.spawn(follow_requests(engine.clone()));
+    background.spawn(follow_changes(engine.clone()));
+    background.spawn(follow_own_commits(engine.clone()));
 }
 
 /// Renews the lease on time, on a connection of its own. It is also the lease's timer: a lease
@@ -116,9 +119,10 @@ async fn sweep(engine: Engine) {
     }
 }
 
-/// Rings the driver of a saga a request changed on another replica (a cancel), so it stops
-/// going forward at once, even in the middle of a wait.
-async fn follow_requests(engine: Engine) {
+/// Follows what happens on every replica: rings the driver of a saga a request changed (a
+/// cancel), so it stops going forward at once, even in the middle of a wait; and tells the
+/// watches what was appended.
+async fn follow_changes(engine: Engine) {
     let inner = &engine.inner;
     loop {
         match inner.store.listen_for_changes().await {
@@ -128,20 +132,52 @@ async fn follow_requests(engine: Engine) {
                     () = inner.shutdown.cancelled() => return,
                 };
                 match next {
-                    Ok(Some(saga_id)) => engine.ring(saga_id),
-                    // Reconnected: what was said meanwhile is lost, so every driver reads again.
-                    Ok(None) => engine.ring_all(),
+                    Ok(Change::Requested(saga_id)) => engine.ring(saga_id),
+                    Ok(Change::Appended(sagas)) => {
+                        for (saga_id, version) in sagas {
+                            inner
+                                .watches
+                                .announce(Announcement::Appended(saga_id, version));
+                        }
+                    }
+                    // What was said meanwhile is lost: every driver and watch reads again.
+                    Ok(Change::Reconnected) => {
+                        engine.ring_all();
+                        inner.watches.announce(Announcement::Resync);
+                    }
                     Err(error) => {
-                        tracing::warn!(%error, "lost the request notifications; reconnecting");
+                        tracing::warn!(%error, "lost the change notifications; reconnecting");
                         break;
                     }
                 }
             },
-            Err(error) => tracing::warn!(%error, "cannot listen for requests; will retry"),
+            Err(error) => tracing::warn!(%error, "cannot listen for changes; will retry"),
         }
         tokio::select! {
             () = tokio::time::sleep(RETRY_DELAY) => {}
             () = inner.shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Tells the watches at once what this replica's own writer committed, without waiting for
+/// the announcement to come back through Postgres.
+async fn follow_own_commits(engine: Engine) {
+    let inner = &engine.inner;
+    let mut committed = inner.writer.subscribe();
+    loop {
+        let heard = tokio::select! {
+            heard = committed.recv() => heard,
+            () = inner.shutdown.cancelled() => return,
+        };
+        match heard {
+            Ok((saga_id, version)) => inner
+                .watches
+                .announce(Announcement::Appended(saga_id, version)),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                inner.watches.announce(Announcement::Resync);
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
         }
     }
 }

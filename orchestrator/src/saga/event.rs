@@ -41,6 +41,10 @@ pub enum Event {
         attempt: u32,
         error: String,
         retry_at: Option<DateTime<Utc>>,
+        /// When the attempt failed: how long a step has kept failing says whether it is stuck.
+        /// Absent from logs written before it existed.
+        #[serde(default)]
+        failed_at: Option<DateTime<Utc>>,
     },
     /// The participant did the step, but its output cannot be kept (too large, a NUL
     /// character, a number a `Struct` cannot carry): the step failed, and since it took
@@ -49,6 +53,13 @@ pub enum Event {
         step: String,
         attempt: u32,
         error: String,
+    },
+    /// An attempt in flight was abandoned when the saga was cancelled: it may or may not have
+    /// taken effect, so the step is compensated like one that did.
+    StepAttemptInterrupted {
+        step: String,
+        attempt: u32,
+        reason: String,
     },
     /// An operator stopped the saga going forward.
     CancelRequested {
@@ -64,6 +75,9 @@ pub enum Event {
         attempt: u32,
         error: String,
         retry_at: Option<DateTime<Utc>>,
+        /// As in `StepAttemptFailed`.
+        #[serde(default)]
+        failed_at: Option<DateTime<Utc>>,
     },
     /// The participant refused to undo the step: an operator must act.
     CompensationRefused {
@@ -71,6 +85,18 @@ pub enum Event {
         attempt: u32,
         code: String,
         reason: String,
+    },
+    /// An operator resumed the compensation of a FAILED saga, having fixed the cause.
+    RetryRequested {
+        reason: String,
+        requested_by: String,
+    },
+    /// An operator undid a step by hand: it is compensated without its compensation being
+    /// called (again).
+    CompensationSkipped {
+        step: String,
+        reason: String,
+        requested_by: String,
     },
     SagaCompleted,
     SagaCompensated,
@@ -88,10 +114,13 @@ impl Event {
             Event::StepRefused { .. } => "step_refused",
             Event::StepAttemptFailed { .. } => "step_attempt_failed",
             Event::StepOutputRejected { .. } => "step_output_rejected",
+            Event::StepAttemptInterrupted { .. } => "step_attempt_interrupted",
             Event::CancelRequested { .. } => "cancel_requested",
             Event::CompensationSucceeded { .. } => "compensation_succeeded",
             Event::CompensationAttemptFailed { .. } => "compensation_attempt_failed",
             Event::CompensationRefused { .. } => "compensation_refused",
+            Event::RetryRequested { .. } => "retry_requested",
+            Event::CompensationSkipped { .. } => "compensation_skipped",
             Event::SagaCompleted => "saga_completed",
             Event::SagaCompensated => "saga_compensated",
             Event::SagaFailed { .. } => "saga_failed",
@@ -105,6 +134,8 @@ impl Event {
             | Event::StepRefused { step, .. }
             | Event::StepAttemptFailed { step, .. }
             | Event::StepOutputRejected { step, .. }
+            | Event::StepAttemptInterrupted { step, .. }
+            | Event::CompensationSkipped { step, .. }
             | Event::CompensationSucceeded { step, .. }
             | Event::CompensationAttemptFailed { step, .. }
             | Event::CompensationRefused { step, .. } => Some(step),

@@ -81,6 +81,9 @@ pub struct StepState {
     pub retry_at: Option<DateTime<Utc>>,
     /// The step may have taken effect and has a compensation to undo it.
     pub needs_compensation: bool,
+    /// When the current run of failed attempts (of the action, or of the compensation once the
+    /// saga goes backward) began; `None` while the step is not failing.
+    pub failing_since: Option<DateTime<Utc>>,
 }
 
 impl StepState {
@@ -93,6 +96,7 @@ impl StepState {
             output: None,
             retry_at: None,
             needs_compensation: false,
+            failing_since: None,
         }
     }
 }
@@ -107,6 +111,9 @@ pub struct StepView {
     pub compensation_attempts: u32,
     pub last_error: Option<String>,
     pub output: Option<Value>,
+    /// When the next attempt is due, while a retry waits.
+    #[serde(default)]
+    pub next_attempt_at: Option<DateTime<Utc>>,
 }
 
 /// Where the saga is in its life.
@@ -130,6 +137,8 @@ pub struct Saga {
     /// The seq of the last event applied (the first event has seq 1).
     pub version: u64,
     pub failure_reason: Option<String>,
+    /// Why the saga went backward: the failure reason again once a retry resumes it.
+    backward_reason: Option<String>,
     phase: Phase,
 }
 
@@ -147,6 +156,8 @@ pub enum ApplyError {
         event: &'static str,
         status: &'static str,
     },
+    #[error("retry_requested needs a FAILED saga; this one is {0}")]
+    RetryNotFailed(&'static str),
 }
 
 /// Whether a command performs a step's action or undoes it.
@@ -205,6 +216,17 @@ pub enum Outcome {
 #[error("the saga is {0} and can no longer be cancelled")]
 pub struct CannotCancel(pub &'static str);
 
+/// Why a retry was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CannotRetry {
+    #[error("the saga is {0}; only a FAILED saga can be retried")]
+    NotFailed(&'static str),
+    #[error("skip_steps: the saga has no step {0:?}")]
+    UnknownStep(String),
+    #[error("skip_steps: step {step} cannot be skipped: {why}")]
+    NotSkippable { step: String, why: &'static str },
+}
+
 impl Saga {
     /// Folds a log into a saga; the first event must be `saga_started`.
     pub fn replay<'a>(
@@ -248,6 +270,7 @@ impl Saga {
             steps,
             version: 1,
             failure_reason: None,
+            backward_reason: None,
             phase: Phase::Forward,
         })
     }
@@ -263,11 +286,19 @@ impl Saga {
     /// Applies one event. It never panics: an event that cannot follow is an error and leaves
     /// the saga as it was.
     pub fn apply(&mut self, event: &Event) -> Result<(), ApplyError> {
-        if let Phase::Ended(status) = self.phase {
-            return Err(ApplyError::AfterEnd {
-                event: event.type_name(),
-                status: status.as_str(),
-            });
+        match (self.phase, event) {
+            // The one event that may follow an end: an operator resumes a FAILED saga.
+            (Phase::Ended(SagaStatus::Failed), Event::RetryRequested { .. }) => {}
+            (_, Event::RetryRequested { .. }) => {
+                return Err(ApplyError::RetryNotFailed(self.status().as_str()));
+            }
+            (Phase::Ended(status), _) => {
+                return Err(ApplyError::AfterEnd {
+                    event: event.type_name(),
+                    status: status.as_str(),
+                });
+            }
+            _ => {}
         }
         // Resolved before anything changes, so an unknown step leaves the saga as it was.
         let k = match event.step() {
@@ -285,6 +316,7 @@ impl Saga {
                 step.attempts = *attempt;
                 step.output = Some(output.clone());
                 step.retry_at = None;
+                step.failing_since = None;
                 step.needs_compensation = has_compensation;
                 if self.phase == Phase::Forward
                     && let Some(next) = self.steps.get_mut(k + 1)
@@ -312,12 +344,14 @@ impl Saga {
                 attempt,
                 error,
                 retry_at,
+                failed_at,
             } => {
                 let has_compensation = self.definition.steps[k].compensation.is_some();
                 let step = &mut self.steps[k];
                 step.attempts = *attempt;
                 step.last_error = Some(error.clone());
                 step.retry_at = *retry_at;
+                step.failing_since = step.failing_since.or(*failed_at);
                 if retry_at.is_none() {
                     step.status = StepStatus::Failed;
                     step.needs_compensation = has_compensation;
@@ -342,6 +376,16 @@ impl Saga {
                     "step {name} failed: its output was rejected: {error}"
                 ));
             }
+            Event::StepAttemptInterrupted {
+                attempt, reason, ..
+            } => {
+                let step = &mut self.steps[k];
+                step.attempts = step.attempts.max(*attempt);
+                step.last_error = Some(format!(
+                    "attempt {attempt} was interrupted ({reason}): whether it took effect is \
+                     unknown, so the step is compensated"
+                ));
+            }
             Event::CancelRequested { reason } => {
                 if self.phase == Phase::Forward {
                     if let Some(k) = self.current_forward_step() {
@@ -360,17 +404,20 @@ impl Saga {
                 step.status = StepStatus::Compensated;
                 step.compensation_attempts = *attempt;
                 step.retry_at = None;
+                step.failing_since = None;
             }
             Event::CompensationAttemptFailed {
                 step: name,
                 attempt,
                 error,
                 retry_at,
+                failed_at,
             } => {
                 let step = &mut self.steps[k];
                 step.compensation_attempts = *attempt;
                 step.last_error = Some(error.clone());
                 step.retry_at = *retry_at;
+                step.failing_since = step.failing_since.or(*failed_at);
                 if retry_at.is_some() {
                     step.status = StepStatus::Compensating;
                 } else {
@@ -393,6 +440,37 @@ impl Saga {
                 step.status = StepStatus::CompensationFailed;
                 self.failure_reason =
                     Some(format!("compensation of {name} refused: {code}: {reason}"));
+            }
+            Event::RetryRequested {
+                reason,
+                requested_by,
+            } => {
+                // Back to compensating: the failed compensation is tried again (the next
+                // attempt, under the same key), then the steps before it.
+                self.phase = Phase::Backward;
+                self.failure_reason = self.backward_reason.clone();
+                for step in &mut self.steps {
+                    if step.status == StepStatus::CompensationFailed {
+                        step.status = StepStatus::Compensating;
+                        step.retry_at = None;
+                        step.failing_since = None;
+                        step.last_error = Some(format!(
+                            "retried by {requested_by} ({reason}); last error: {}",
+                            step.last_error.as_deref().unwrap_or("none")
+                        ));
+                    }
+                }
+            }
+            Event::CompensationSkipped {
+                reason,
+                requested_by,
+                ..
+            } => {
+                let step = &mut self.steps[k];
+                step.status = StepStatus::Compensated;
+                step.retry_at = None;
+                step.failing_since = None;
+                step.last_error = Some(format!("compensated by hand ({requested_by}): {reason}"));
             }
             Event::SagaCompleted => self.end(SagaStatus::Completed),
             Event::SagaCompensated => self.end(SagaStatus::Compensated),
@@ -461,6 +539,7 @@ impl Saga {
                 attempt,
                 error,
                 retry_at: retry_time(&definition.retry, attempt, now, jitter_sample),
+                failed_at: Some(now),
             },
             (CommandKind::Execute, Outcome::OutputRejected { error }) => {
                 Event::StepOutputRejected {
@@ -492,10 +571,86 @@ impl Saga {
                         now,
                         jitter_sample,
                     ),
+                    failed_at: Some(now),
                 }
             }
         };
         self.with_terminal(vec![event], now)
+    }
+
+    /// The events that resume a FAILED saga's compensation, `skip` naming the steps an operator
+    /// undid by hand: each must be one still to be compensated (its compensation failed, or has
+    /// not run yet). When nothing is left to compensate, the saga ends in the same commit.
+    pub fn retry(
+        &self,
+        reason: &str,
+        requested_by: &str,
+        skip: &[String],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Event>, CannotRetry> {
+        if self.phase != Phase::Ended(SagaStatus::Failed) {
+            return Err(CannotRetry::NotFailed(self.status().as_str()));
+        }
+        let mut events = vec![Event::RetryRequested {
+            reason: reason.to_owned(),
+            requested_by: requested_by.to_owned(),
+        }];
+        let mut skipped = Vec::new();
+        for name in skip {
+            let k = self
+                .step_index(name)
+                .map_err(|_| CannotRetry::UnknownStep(name.clone()))?;
+            let step = &self.steps[k];
+            let why = if !step.needs_compensation {
+                Some("it has nothing to undo")
+            } else if step.status == StepStatus::Compensated {
+                Some("it is compensated already")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(CannotRetry::NotSkippable {
+                    step: name.clone(),
+                    why,
+                });
+            }
+            if !skipped.contains(&k) {
+                skipped.push(k);
+                events.push(Event::CompensationSkipped {
+                    step: name.clone(),
+                    reason: reason.to_owned(),
+                    requested_by: requested_by.to_owned(),
+                });
+            }
+        }
+        Ok(self.with_terminal(events, now))
+    }
+
+    /// When a cancel stopped the saga while `command`, an attempt going forward, was in
+    /// flight: the event that counts that attempt, whose outcome stays unknown. `None` when
+    /// the log already has it, or the saga is not compensating.
+    pub fn interrupted(&self, command: Command, reason: &str) -> Option<Event> {
+        let step = self.steps.get(command.step)?;
+        (self.phase == Phase::Backward
+            && command.kind == CommandKind::Execute
+            && step.status == StepStatus::Failed
+            && step.attempts < command.attempt)
+            .then(|| Event::StepAttemptInterrupted {
+                step: self.definition.steps[command.step].name.clone(),
+                attempt: command.attempt,
+                reason: reason.to_owned(),
+            })
+    }
+
+    /// Since when the step being worked on has kept failing, while the saga has not ended:
+    /// what decides whether the saga is stuck.
+    pub fn failing_since(&self) -> Option<DateTime<Utc>> {
+        let k = match self.phase {
+            Phase::Ended(_) => None,
+            Phase::Forward => self.current_forward_step(),
+            Phase::Backward => self.next_compensation(),
+        }?;
+        self.steps[k].failing_since
     }
 
     /// The events that cancel a running saga. A saga already compensating needs none; an ended
@@ -543,6 +698,7 @@ impl Saga {
                 compensation_attempts: step.compensation_attempts,
                 last_error: step.last_error.clone(),
                 output: step.output.clone(),
+                next_attempt_at: step.retry_at,
             })
             .collect()
     }
@@ -620,8 +776,11 @@ impl Saga {
             return;
         }
         self.phase = Phase::Backward;
-        self.failure_reason = Some(reason);
+        self.failure_reason = Some(reason.clone());
+        self.backward_reason = Some(reason);
         for step in &mut self.steps {
+            // Compensations fail (or not) afresh.
+            step.failing_since = None;
             if step.status == StepStatus::Running {
                 step.status = StepStatus::Pending;
             }

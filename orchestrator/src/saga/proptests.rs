@@ -21,6 +21,8 @@
 //!    the saga unchanged.
 //! 4. The events `record_outcome` and `cancel` return always apply to the saga they came from,
 //!    the terminal event (if any) last, and once applied the core never asks to `Finish`.
+//! 5. A `FAILED` saga retried once its cause is fixed, with any steps skipped, ends
+//!    `COMPENSATED` with exactly the steps to undo undone, and a skipped step is never called.
 
 use std::collections::BTreeSet;
 
@@ -791,6 +793,7 @@ fn any_event(names: Vec<String>) -> impl Strategy<Value = Event> {
     let step = prop::sample::select(names);
     let attempt = prop_oneof![4 => 0u32..5, 1 => Just(u32::MAX), 1 => any::<u32>()];
     let retry_at = prop::option::of(any_time());
+    let failed_at = prop::option::of(any_time());
     let text = prop::sample::select(vec![String::new(), "x".to_owned(), "é/?".to_owned()]);
     let started = prop::collection::vec(step_spec(), 0..4)
         .prop_map(|specs| saga_started(build_definition(&specs)));
@@ -804,25 +807,36 @@ fn any_event(names: Vec<String>) -> impl Strategy<Value = Event> {
         2 => (step.clone(), attempt.clone(), text.clone()).prop_map(|(step, attempt, code)| {
             Event::StepRefused { step, attempt, reason: code.clone(), code }
         }),
-        3 => (step.clone(), attempt.clone(), text.clone(), retry_at.clone()).prop_map(
-            |(step, attempt, error, retry_at)| Event::StepAttemptFailed {
+        3 => (step.clone(), attempt.clone(), text.clone(), retry_at.clone(), failed_at.clone()).prop_map(
+            |(step, attempt, error, retry_at, failed_at)| Event::StepAttemptFailed {
                 step,
                 attempt,
                 error,
                 retry_at,
+                failed_at,
             }
         ),
+        2 => (step.clone(), attempt.clone(), text.clone()).prop_map(|(step, attempt, reason)| {
+            Event::StepAttemptInterrupted { step, attempt, reason }
+        }),
         2 => text.clone().prop_map(|reason| Event::CancelRequested { reason }),
         3 => (step.clone(), attempt.clone())
             .prop_map(|(step, attempt)| Event::CompensationSucceeded { step, attempt }),
-        3 => (step.clone(), attempt.clone(), text.clone(), retry_at).prop_map(
-            |(step, attempt, error, retry_at)| Event::CompensationAttemptFailed {
+        3 => (step.clone(), attempt.clone(), text.clone(), retry_at, failed_at).prop_map(
+            |(step, attempt, error, retry_at, failed_at)| Event::CompensationAttemptFailed {
                 step,
                 attempt,
                 error,
                 retry_at,
+                failed_at,
             }
         ),
+        1 => (text.clone(), text.clone()).prop_map(|(reason, requested_by)| {
+            Event::RetryRequested { reason, requested_by }
+        }),
+        2 => (step.clone(), text.clone()).prop_map(|(step, reason)| {
+            Event::CompensationSkipped { step, requested_by: reason.clone(), reason }
+        }),
         2 => (step.clone(), attempt.clone(), text.clone()).prop_map(|(step, attempt, code)| {
             Event::CompensationRefused { step, attempt, reason: code.clone(), code }
         }),
@@ -924,8 +938,69 @@ proptest! {
     }
 }
 
+/// Property 5: a `FAILED` saga an operator retries, once the cause is fixed, ends
+/// `COMPENSATED` with exactly the steps to undo undone, each either by its compensation or
+/// by hand (skipped), a skipped one never called again, the log still replaying.
+fn check_retry(run: Run, skip_mask: u8) -> Result<(), TestCaseError> {
+    let mut saga = run.saga;
+    let mut log = run.log;
+    let now = run.now;
+    let to_undo = run.model.to_undo();
+    let skippable: Vec<usize> = to_undo
+        .iter()
+        .copied()
+        .filter(|&k| saga.steps[k].status != StepStatus::Compensated)
+        .collect();
+    let skip: Vec<usize> = skippable
+        .iter()
+        .copied()
+        .filter(|&k| skip_mask & (1 << (k % 8)) != 0)
+        .collect();
+    let names: Vec<String> = skip.iter().map(|&k| name(k)).collect();
+    let events = saga.retry("fixed", "ops", &names, now);
+    prop_assert!(events.is_ok(), "{events:?}");
+    let events = events.unwrap_or_default();
+    commit(&mut saga, &mut log, events, now)?;
+    for _ in 0..MAX_DECISIONS {
+        match saga.decide(now) {
+            Decision::Ended => break,
+            Decision::Call(command) => {
+                prop_assert_eq!(command.kind, CommandKind::Compensate);
+                prop_assert!(
+                    !skip.contains(&command.step),
+                    "skipped step {} called",
+                    command.step
+                );
+                let events =
+                    saga.record_outcome(command, outcome_of(Reply::Success, json!({})), now, 0.5);
+                commit(&mut saga, &mut log, events, now)?;
+            }
+            other => prop_assert!(false, "a retried saga decided {other:?}"),
+        }
+    }
+    prop_assert_eq!(saga.status(), SagaStatus::Compensated);
+    for &k in &to_undo {
+        prop_assert_eq!(saga.steps[k].status, StepStatus::Compensated);
+    }
+    let replayed = recover(saga.id, &log)?;
+    prop_assert_eq!(replayed, saga);
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Property 5 on every scenario that ends `FAILED`.
+    #[test]
+    fn a_failed_saga_retried_ends_compensated_and_skipped_steps_stay_uncalled(
+        scenario in scenario(),
+        skip_mask in any::<u8>(),
+    ) {
+        let run = drive(&scenario, &BTreeSet::new())?;
+        if run.saga.status() == SagaStatus::Failed {
+            check_retry(run, skip_mask)?;
+        }
+    }
 
     /// A `FAILED` saga should say which compensation failed. When a compensation runs out of
     /// attempts, `failure_reason` still names the reason the saga went backward (`decide`
@@ -979,6 +1054,7 @@ fn an_exhausted_compensation_is_named_in_the_failure_reason() {
             attempt: 1,
             error: "UNAVAILABLE".to_owned(),
             retry_at: None,
+            failed_at: Some(t0()),
         },
     ];
     let saga = Saga::replay(Uuid::nil(), &log).unwrap_or_else(|error| panic!("{error}"));

@@ -172,6 +172,7 @@ fn a_transient_failure_waits_out_its_backoff_then_retries_with_the_next_attempt_
             attempt: 1,
             error: "UNAVAILABLE".to_owned(),
             retry_at: Some(retry_at),
+            failed_at: Some(t0()),
         }]
     );
     assert_eq!(saga.decide(t0()), Decision::WaitUntil(retry_at));
@@ -312,6 +313,180 @@ fn a_refused_compensation_fails_the_saga_and_stops_compensating() {
     );
 }
 
+/// A saga FAILED on b's refused compensation, a and b to undo.
+fn failed_on_undo_b() -> Saga {
+    let mut saga = new_saga();
+    for _ in 0..2 {
+        let command = expect_call(&saga, t0());
+        record(&mut saga, command, success(json!({})), t0());
+    }
+    let command = expect_call(&saga, t0());
+    record(&mut saga, command, refused(), t0());
+    let undo_b = expect_call(&saga, t0());
+    record(&mut saga, undo_b, refused(), t0());
+    assert_eq!(saga.status(), SagaStatus::Failed);
+    saga
+}
+
+fn apply_all(saga: &mut Saga, events: &[Event]) {
+    for event in events {
+        saga.apply(event).unwrap_or_else(|error| panic!("{error}"));
+    }
+}
+
+#[test]
+fn a_retry_resumes_the_failed_compensation_with_its_next_attempt_then_the_older_steps() {
+    let mut saga = failed_on_undo_b();
+    let events = saga
+        .retry("refund service fixed", "ops", &[], t0())
+        .unwrap_or_else(|error| panic!("{error}"));
+    assert_eq!(
+        events,
+        vec![Event::RetryRequested {
+            reason: "refund service fixed".to_owned(),
+            requested_by: "ops".to_owned(),
+        }]
+    );
+    apply_all(&mut saga, &events);
+    assert_eq!(saga.status(), SagaStatus::Compensating);
+    assert_eq!(saga.steps[1].status, StepStatus::Compensating);
+    let undo_b = expect_call(&saga, t0());
+    assert_eq!(
+        (undo_b.kind, undo_b.step, undo_b.attempt),
+        (CommandKind::Compensate, 1, 2),
+        "the same key, the next attempt"
+    );
+    record(&mut saga, undo_b, success(json!({})), t0());
+    let undo_a = expect_call(&saga, t0());
+    assert_eq!((undo_a.kind, undo_a.step), (CommandKind::Compensate, 0));
+    record(&mut saga, undo_a, success(json!({})), t0());
+    assert_eq!(saga.status(), SagaStatus::Compensated);
+    assert_eq!(
+        saga.failure_reason.as_deref(),
+        Some("step c refused: NO: not today"),
+        "why the saga went backward, again"
+    );
+}
+
+#[test]
+fn a_retry_may_skip_steps_undone_by_hand_and_ends_at_once_when_nothing_is_left() {
+    let saga = failed_on_undo_b();
+    let skip = ["b".to_owned(), "a".to_owned()];
+    let events = saga
+        .retry("refunded by hand", "ops", &skip, t0())
+        .unwrap_or_else(|error| panic!("{error}"));
+    let types: Vec<&str> = events.iter().map(Event::type_name).collect();
+    assert_eq!(
+        types,
+        [
+            "retry_requested",
+            "compensation_skipped",
+            "compensation_skipped",
+            "saga_compensated"
+        ]
+    );
+    let mut after = saga.clone();
+    apply_all(&mut after, &events);
+    assert_eq!(after.status(), SagaStatus::Compensated);
+    assert!(
+        after.steps[1]
+            .last_error
+            .as_deref()
+            .is_some_and(|error| error.contains("by hand (ops): refunded by hand"))
+    );
+
+    // Only b skipped: a is still compensated by its participant.
+    let events = saga
+        .retry("b refunded by hand", "ops", &["b".to_owned()], t0())
+        .unwrap_or_else(|error| panic!("{error}"));
+    let mut after = saga.clone();
+    apply_all(&mut after, &events);
+    let next = expect_call(&after, t0());
+    assert_eq!((next.kind, next.step), (CommandKind::Compensate, 0));
+}
+
+#[test]
+fn a_retry_is_refused_unless_the_saga_failed_and_a_skip_must_be_a_step_to_undo() {
+    let running = new_saga();
+    assert_eq!(
+        running.retry("r", "ops", &[], t0()),
+        Err(CannotRetry::NotFailed("RUNNING"))
+    );
+    let failed = failed_on_undo_b();
+    assert_eq!(
+        failed.retry("r", "ops", &["zz".to_owned()], t0()),
+        Err(CannotRetry::UnknownStep("zz".to_owned()))
+    );
+    assert!(matches!(
+        failed.retry("r", "ops", &["c".to_owned()], t0()),
+        Err(CannotRetry::NotSkippable { step, .. }) if step == "c"
+    ));
+    assert!(matches!(
+        failed.retry("r", "ops", &["d".to_owned()], t0()),
+        Err(CannotRetry::NotSkippable { step, .. }) if step == "d"
+    ));
+    let mut done = failed.clone();
+    let events = failed
+        .retry("r", "ops", &[], t0())
+        .unwrap_or_else(|error| panic!("{error}"));
+    apply_all(&mut done, &events);
+    let undo_b = expect_call(&done, t0());
+    record(&mut done, undo_b, success(json!({})), t0());
+    let undo_a = expect_call(&done, t0());
+    record(&mut done, undo_a, success(json!({})), t0());
+    assert_eq!(
+        done.retry("r", "ops", &[], t0()),
+        Err(CannotRetry::NotFailed("COMPENSATED"))
+    );
+}
+
+#[test]
+fn an_attempt_interrupted_by_a_cancel_counts_as_an_attempt_of_unknown_outcome() {
+    let mut saga = new_saga();
+    let command = expect_call(&saga, t0());
+    record(&mut saga, command, success(json!({})), t0());
+    let in_flight = expect_call(&saga, t0());
+    assert_eq!(
+        saga.interrupted(in_flight, "cancelled"),
+        None,
+        "still running"
+    );
+    let events = saga.cancel("changed my mind", t0()).unwrap_or_default();
+    apply_all(&mut saga, &events);
+    assert_eq!(saga.steps[1].attempts, 0);
+    let interrupted = saga
+        .interrupted(in_flight, "cancelled: changed my mind")
+        .unwrap_or_else(|| panic!("the attempt in flight is counted"));
+    apply_all(&mut saga, &[interrupted]);
+    assert_eq!(saga.steps[1].attempts, 1);
+    assert_eq!(saga.steps[1].status, StepStatus::Failed);
+    assert!(saga.steps[1].last_error.as_deref().is_some_and(|error| {
+        error.contains("attempt 1 was interrupted") && error.contains("unknown")
+    }));
+    assert_eq!(saga.interrupted(in_flight, "again"), None, "counted once");
+    let undo_b = expect_call(&saga, t0());
+    assert_eq!((undo_b.kind, undo_b.step), (CommandKind::Compensate, 1));
+}
+
+#[test]
+fn a_step_failing_again_and_again_is_failing_since_its_first_failure() {
+    let mut saga = new_saga();
+    assert_eq!(saga.failing_since(), None);
+    let mut now = t0();
+    let command = expect_call(&saga, now);
+    record(&mut saga, command, transient(), now);
+    assert_eq!(saga.failing_since(), Some(t0()));
+    now += chrono::Duration::seconds(10);
+    let command = expect_call(&saga, now);
+    record(&mut saga, command, transient(), now);
+    assert_eq!(saga.failing_since(), Some(t0()), "since the first failure");
+    assert!(saga.step_views()[0].next_attempt_at.is_some());
+    let command = expect_call(&saga, now + chrono::Duration::seconds(10));
+    record(&mut saga, command, success(json!({})), now);
+    assert_eq!(saga.failing_since(), None, "a success ends it");
+    assert_eq!(saga.step_views()[0].next_attempt_at, None);
+}
+
 #[test]
 fn a_refusal_of_the_first_step_ends_compensated_at_once() {
     let mut saga = new_saga();
@@ -399,6 +574,7 @@ fn events_round_trip_through_json() {
         attempt: 2,
         error: "e".to_owned(),
         retry_at: Some(t0()),
+        failed_at: Some(t0()),
     };
     let text = serde_json::to_value(&event).unwrap_or_default();
     assert_eq!(text["type"], "step_attempt_failed");

@@ -147,6 +147,8 @@ pub struct Projection {
     /// `None` when the client gave no key.
     pub idempotency_key: Option<String>,
     pub wake_at: Option<DateTime<Utc>>,
+    /// Since when the step being worked on has kept failing; stuck beyond `--stuck-after`.
+    pub failing_since: Option<DateTime<Utc>>,
 }
 
 /// Events to append to one saga's log, and its read model after them.
@@ -186,6 +188,11 @@ pub enum WriteOutcome {
 
 /// The channel on which a replica hears that a saga it may drive was changed by a request.
 const CHANGED_CHANNEL: &str = "sagad_saga_changed";
+/// The channel on which every replica hears what each commit appended (for watchers).
+const APPENDED_CHANNEL: &str = "sagad_saga_appended";
+/// Sagas announced per notification: `<id>:<version>` is at most 53 bytes, and a payload must
+/// stay under 8000.
+const APPENDED_PER_NOTIFICATION: usize = 140;
 
 /// A saga as the read model has it.
 #[derive(Debug, Clone, PartialEq)]
@@ -211,8 +218,21 @@ pub struct EventRecord {
 pub struct ListFilter {
     pub saga_type: Option<String>,
     pub statuses: Vec<SagaStatus>,
+    /// Only sagas failing since before this time (stuck).
+    pub failing_before: Option<DateTime<Utc>>,
     pub limit: u32,
     pub after: Option<ListCursor>,
+}
+
+/// The active sagas of the database, counted in one query for the sampled gauges.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Activity {
+    /// RUNNING and COMPENSATING sagas, by type and status.
+    pub active: Vec<(String, SagaStatus, i64)>,
+    /// Of those, the ones failing since before the cutoff given.
+    pub stuck: i64,
+    /// When the oldest of them started.
+    pub oldest_started_at: Option<DateTime<Utc>>,
 }
 
 /// The position of the last saga of a page: listings are ordered newest first.
@@ -390,10 +410,11 @@ impl Store {
             let inserted = sqlx::query_scalar!(
                 r#"
                 insert into sagas (saga_id, saga_type, definition_version, status, input, context, steps,
-                                   failure_reason, version, correlation_id, idempotency_key, wake_at, owner)
+                                   failure_reason, version, correlation_id, idempotency_key, wake_at, owner,
+                                   failing_since)
                 select * from unnest($1::uuid[], $2::text[], $3::int4[], $4::text[], $5::jsonb[], $6::jsonb[],
                                      $7::jsonb[], $8::text[], $9::int8[], $10::text[], $11::text[], $12::timestamptz[],
-                                     $13::uuid[])
+                                     $13::uuid[], $14::timestamptz[])
                 on conflict do nothing
                 returning saga_id
                 "#,
@@ -410,6 +431,7 @@ impl Store {
                 &idempotency_keys as &[Option<String>],
                 &columns.wake_ats as &[Option<DateTime<Utc>>],
                 &owners,
+                &columns.failing_sinces as &[Option<DateTime<Utc>>],
             )
             .fetch_all(&mut *tx)
             .await?;
@@ -435,11 +457,11 @@ impl Store {
                 update sagas as s
                 set status = u.status, context = u.context, steps = u.steps,
                     failure_reason = u.failure_reason, version = u.version, wake_at = u.wake_at,
-                    updated_at = now()
+                    failing_since = u.failing_since, updated_at = now()
                 from unnest($1::uuid[], $2::int8[], $3::text[], $4::jsonb[], $5::jsonb[], $6::text[],
-                            $7::int8[], $8::timestamptz[], $9::uuid[], $10::bool[])
+                            $7::int8[], $8::timestamptz[], $9::uuid[], $10::bool[], $11::timestamptz[])
                     as u(saga_id, expected_version, status, context, steps, failure_reason, version, wake_at,
-                         writer_id, owner_only)
+                         writer_id, owner_only, failing_since)
                 where s.saga_id = u.saga_id and s.version = u.expected_version
                   and (not u.owner_only
                        or (s.owner = u.writer_id
@@ -458,6 +480,7 @@ impl Store {
                 &columns.wake_ats as &[Option<DateTime<Utc>>],
                 &writers,
                 &owner_only,
+                &columns.failing_sinces as &[Option<DateTime<Utc>>],
             )
             .fetch_all(&mut *tx)
             .await?;
@@ -538,6 +561,26 @@ impl Store {
             .fetch_one(&mut *tx)
             .await?;
         }
+        // What this commit appended, for the watchers on every replica: a few notifications per
+        // batch, not one per saga.
+        let appended: Vec<String> = writes
+            .iter()
+            .filter(|w| written.contains(&w.saga_id))
+            .map(|w| format!("{}:{}", w.saga_id.simple(), w.projection.version))
+            .collect::<Vec<_>>()
+            .chunks(APPENDED_PER_NOTIFICATION)
+            .map(|chunk| chunk.join(","))
+            .collect();
+        if !appended.is_empty() {
+            sqlx::query_scalar!(
+                r#"select count(*) as "notified!" from (
+                       select pg_notify($1, payload) from unnest($2::text[]) as payload) as n"#,
+                APPENDED_CHANNEL,
+                &appended,
+            )
+            .fetch_one(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
 
         Ok(writes
@@ -581,13 +624,19 @@ impl Store {
 
     /// A saga's history as clients see it.
     pub async fn history(&self, saga_id: Uuid) -> Result<Vec<EventRecord>> {
+        self.history_after(saga_id, 0).await
+    }
+
+    /// The events of a saga's history after seq `after`, in order.
+    pub async fn history_after(&self, saga_id: Uuid, after: u64) -> Result<Vec<EventRecord>> {
         let rows = bounded(
             "reading a saga's history",
             CALL_TIMEOUT,
             sqlx::query!(
                 r#"select seq, event_type, step, data, recorded_at from saga_events
-                   where saga_id = $1 order by seq"#,
-                saga_id
+                   where saga_id = $1 and seq > $2 order by seq"#,
+                saga_id,
+                to_i64(after),
             )
             .fetch_all(&self.pool),
         )
@@ -612,7 +661,7 @@ impl Store {
                 SagaRow,
                 r#"select saga_id, saga_type, definition_version, status, input, context, steps,
                           failure_reason, version, correlation_id, idempotency_key, created_at,
-                          updated_at, wake_at
+                          updated_at, wake_at, failing_since
                    from sagas where saga_id = $1"#,
                 saga_id
             )
@@ -635,7 +684,7 @@ impl Store {
                 SagaRow,
                 r#"select saga_id, saga_type, definition_version, status, input, context, steps,
                           failure_reason, version, correlation_id, idempotency_key, created_at,
-                          updated_at, wake_at
+                          updated_at, wake_at, failing_since
                    from sagas where saga_type = $1 and idempotency_key = $2"#,
                 saga_type,
                 idempotency_key
@@ -660,11 +709,12 @@ impl Store {
                 SagaRow,
                 r#"select saga_id, saga_type, definition_version, status, input, context, steps,
                           failure_reason, version, correlation_id, idempotency_key, created_at,
-                          updated_at, wake_at
+                          updated_at, wake_at, failing_since
                    from sagas
                    where ($1::text is null or saga_type = $1)
                      and (cardinality($2::text[]) = 0 or status = any($2))
                      and ($3::timestamptz is null or (created_at, saga_id) < ($3, $4::uuid))
+                     and ($6::timestamptz is null or failing_since < $6)
                    order by created_at desc, saga_id desc
                    limit $5"#,
                 filter.saga_type.as_deref(),
@@ -672,11 +722,44 @@ impl Store {
                 filter.after.map(|cursor| cursor.created_at),
                 filter.after.map(|cursor| cursor.saga_id),
                 i64::from(filter.limit),
+                filter.failing_before,
             )
             .fetch_all(&self.pool),
         )
         .await?;
         rows.into_iter().map(SagaRow::into_record).collect()
+    }
+
+    /// The active sagas by type and status, how many of them fail since before
+    /// `failing_before`, and when the oldest started: one query over the unfinished sagas.
+    pub async fn activity(&self, failing_before: DateTime<Utc>) -> Result<Activity> {
+        let rows = bounded(
+            "counting active sagas",
+            CALL_TIMEOUT,
+            sqlx::query!(
+                r#"select saga_type, status, count(*) as "count!",
+                          count(*) filter (where failing_since < $1) as "stuck!",
+                          min(created_at) as "oldest!"
+                   from sagas where wake_at is not null
+                   group by saga_type, status"#,
+                failing_before,
+            )
+            .fetch_all(&self.pool),
+        )
+        .await?;
+        let mut activity = Activity::default();
+        for row in rows {
+            let Some(status) = SagaStatus::parse(&row.status) else {
+                continue;
+            };
+            activity.active.push((row.saga_type, status, row.count));
+            activity.stuck += row.stuck;
+            activity.oldest_started_at = Some(match activity.oldest_started_at {
+                Some(oldest) => oldest.min(row.oldest),
+                None => row.oldest,
+            });
+        }
+        Ok(activity)
     }
 
     /// Registers a new replica id with a lease of `ttl`, and forgets the ids dead for a day
@@ -820,11 +903,14 @@ impl Store {
         .await
     }
 
-    /// Listens for sagas changed by requests on any replica (see [`Fence::Request`]).
+    /// Listens for sagas changed by requests on any replica (see [`Fence::Request`]) and for
+    /// what every commit appended.
     pub async fn listen_for_changes(&self) -> Result<ChangeListener> {
         bounded_all("listening for changes", CALL_TIMEOUT, async {
             let mut listener = PgListener::connect_with(&self.pool).await?;
-            listener.listen(CHANGED_CHANNEL).await?;
+            listener
+                .listen_all([CHANGED_CHANNEL, APPENDED_CHANNEL])
+                .await?;
             Ok(ChangeListener { listener })
         })
         .await
@@ -836,23 +922,44 @@ impl Store {
     }
 }
 
-/// Announcements of sagas changed by requests.
+/// Announcements of sagas changed by requests, and of what commits appended.
 pub struct ChangeListener {
     listener: PgListener,
 }
 
+/// What a [`ChangeListener`] heard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A request (a cancel, a retry) changed this saga.
+    Requested(Uuid),
+    /// A commit appended to these sagas, which are now at these versions.
+    Appended(Vec<(Uuid, u64)>),
+    /// The connection was lost and is back: what was announced meanwhile is lost, so whoever
+    /// follows sagas should read them again.
+    Reconnected,
+}
+
 impl ChangeListener {
-    /// The next changed saga. `Ok(None)`: the connection was lost and has been re-established;
-    /// announcements made meanwhile are lost, so the caller should read its sagas again.
-    pub async fn next(&mut self) -> Result<Option<Uuid>> {
+    /// The next change heard.
+    pub async fn next(&mut self) -> Result<Change> {
         loop {
-            match self.listener.try_recv().await? {
-                None => return Ok(None),
-                Some(notification) => {
-                    if let Ok(saga_id) = notification.payload().parse() {
-                        return Ok(Some(saga_id));
-                    }
+            let Some(notification) = self.listener.try_recv().await? else {
+                return Ok(Change::Reconnected);
+            };
+            let payload = notification.payload();
+            if notification.channel() == APPENDED_CHANNEL {
+                let appended: Vec<(Uuid, u64)> = payload
+                    .split(',')
+                    .filter_map(|entry| {
+                        let (id, version) = entry.split_once(':')?;
+                        Some((id.parse().ok()?, version.parse().ok()?))
+                    })
+                    .collect();
+                if !appended.is_empty() {
+                    return Ok(Change::Appended(appended));
                 }
+            } else if let Ok(saga_id) = payload.parse() {
+                return Ok(Change::Requested(saga_id));
             }
         }
     }
@@ -870,6 +977,7 @@ struct ProjectionColumns {
     failure_reasons: Vec<Option<String>>,
     versions: Vec<i64>,
     wake_ats: Vec<Option<DateTime<Utc>>>,
+    failing_sinces: Vec<Option<DateTime<Utc>>>,
 }
 
 impl ProjectionColumns {
@@ -890,7 +998,8 @@ impl ProjectionColumns {
                 .map(|p| p.failure_reason.clone())
                 .collect(),
             versions: projections.clone().map(|p| to_i64(p.version)).collect(),
-            wake_ats: projections.map(|p| p.wake_at).collect(),
+            wake_ats: projections.clone().map(|p| p.wake_at).collect(),
+            failing_sinces: projections.map(|p| p.failing_since).collect(),
         }
     }
 }
@@ -910,6 +1019,7 @@ struct SagaRow {
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
     wake_at: Option<DateTime<Utc>>,
+    failing_since: Option<DateTime<Utc>>,
 }
 
 impl SagaRow {
@@ -937,6 +1047,7 @@ impl SagaRow {
                 correlation_id: self.correlation_id,
                 idempotency_key: self.idempotency_key,
                 wake_at: self.wake_at,
+                failing_since: self.failing_since,
             },
             created_at: self.created_at,
             updated_at: self.updated_at,
