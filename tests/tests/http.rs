@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
@@ -35,6 +36,22 @@ name = "b"
 participant = "p"
 action = "DoB"
 compensation = "UndoB"
+"#;
+
+/// One step on participant `p`, retried without end.
+const SLOW: &str = r#"
+name = "slow"
+version = 1
+
+[defaults]
+timeout = "5s"
+retry = { max_attempts = 0, initial_delay = "100ms", multiplier = 2.0, max_delay = "500ms", jitter = 0.0 }
+
+[[steps]]
+name = "a"
+participant = "p"
+action = "DoA"
+compensation = "UndoA"
 "#;
 
 /// Every metric sagad promises, with its Prometheus type.
@@ -278,6 +295,121 @@ async fn every_metric_is_described_from_the_first_scrape_and_moves_with_sagas() 
         Ok(())
     })
     .await
+}
+
+/// Scrapes until `wanted` holds for the page (the sampled gauges change every few seconds);
+/// returns the page and how long that took.
+async fn wait_page(
+    sagad: &SagadProcess,
+    what: &str,
+    wanted: impl Fn(&str) -> bool,
+) -> anyhow::Result<(String, Duration)> {
+    let started = Instant::now();
+    loop {
+        let page = metrics::scrape(sagad.http_addr).await?;
+        if wanted(&page) {
+            return Ok((page, started.elapsed()));
+        }
+        if started.elapsed() > Duration::from_secs(90) {
+            bail!("the metrics page did not show {what} within 90 s:\n{page}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The value of the one series `series` (name and labels, as the page writes them).
+fn series(page: &str, series: &str) -> Option<f64> {
+    page.lines().find_map(|line| {
+        let (name, value) = line.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok()).flatten()
+    })
+}
+
+#[tokio::test]
+async fn the_sampled_gauges_follow_the_database_and_come_back_to_zero() -> anyhow::Result<()> {
+    let mut db = DatabaseGuard::new("http_gauges");
+    // Step `a` of a `slow` saga answers UNAVAILABLE while `held`: the saga stays RUNNING,
+    // failing, and is stuck after a second.
+    let held = Arc::new(AtomicBool::new(true));
+    let holding = Arc::clone(&held);
+    let script: Script = Arc::new(move |call: &CallRecord, _: &[CallRecord]| {
+        if call.saga_type == "slow" && holding.load(Ordering::SeqCst) {
+            Answer::status(tonic::Code::Unavailable)
+        } else {
+            default_answer(call)
+        }
+    });
+    let participant = FakeParticipant::start_scripted("p", script).await?;
+    let defs = Scratch::defs(&[("flow.toml", FLOW), ("slow.toml", SLOW)])?;
+    let mut logs = Scratch::logs("http-gauges")?;
+    let outcome = async {
+        let mut args = flow_args(&db.url(), &defs, &participant);
+        args.extend(["--stuck-after", "1s"].map(str::to_owned));
+        let sagad = SagadProcess::start(&args, &logs).await?;
+        const RUNNING: &str = "sagad_sagas_active{saga_type=\"slow\",status=\"RUNNING\"}";
+        const STUCK: &str = "sagad_sagas_stuck";
+        const OLDEST: &str = "sagad_oldest_active_saga_age_seconds";
+        let fresh = metrics::scrape(sagad.http_addr).await?;
+        for name in [RUNNING, STUCK, OLDEST] {
+            ensure!(
+                series(&fresh, name) == Some(0.0),
+                "{name} is not 0 on a fresh page:\n{fresh}"
+            );
+        }
+
+        let mut client = sagad.client().await?;
+        let saga_id = client
+            .start_saga(StartSagaRequest {
+                saga_type: "slow".to_owned(),
+                input: Some(to_struct(json!({}))),
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .saga_id;
+        let (page, took) = wait_page(&sagad, "the saga running, stuck and aging", |page| {
+            series(page, RUNNING) == Some(1.0)
+                && series(page, STUCK) == Some(1.0)
+                && series(page, OLDEST).is_some_and(|age| age >= 1.0)
+        })
+        .await?;
+        println!(
+            "held saga sampled after {took:?}: running {:?}, stuck {:?}, oldest {:?} s",
+            series(&page, RUNNING),
+            series(&page, STUCK),
+            series(&page, OLDEST)
+        );
+
+        held.store(false, Ordering::SeqCst);
+        let saga = wait_terminal(&mut client, &saga_id, Duration::from_secs(60)).await?;
+        ensure!(
+            saga.status == SagaStatus::Completed as i32,
+            "the released saga ended {:?}",
+            SagaStatus::try_from(saga.status)
+        );
+        let (page, took) = wait_page(&sagad, "every gauge back at 0", |page| {
+            [RUNNING, STUCK, OLDEST]
+                .iter()
+                .all(|name| series(page, name) == Some(0.0))
+        })
+        .await?;
+        println!("released saga completed; gauges at 0 after {took:?}");
+        let transient = metrics::value(
+            &page,
+            "sagad_participant_calls_total",
+            &[("kind", "execute"), ("outcome", "transient")],
+        );
+        println!("transient answers while held: {transient}");
+        ensure!(transient >= 1.0, "no transient call counted:\n{page}");
+        Ok(())
+    }
+    .await;
+    if outcome.is_err() {
+        logs.keep();
+        println!("logs kept in {}", logs.display());
+    }
+    db.drop_now().await?;
+    outcome
 }
 
 /// Polls `GET path` until its status satisfies `wanted`; returns how long that took.
