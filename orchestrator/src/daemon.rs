@@ -88,6 +88,7 @@ pub async fn serve(
     .await?;
     ready.set(engine.clone());
     let stop_sampling = CancellationToken::new();
+    let _stop_sampling_on_return = stop_sampling.clone().drop_guard();
     // Without an HTTP server nobody reads the metrics: no sampling either.
     let sampler = metrics.map(|metrics| {
         tokio::spawn(sample(
