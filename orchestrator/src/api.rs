@@ -12,12 +12,14 @@ use sagad_proto::v1 as pb;
 use sagad_proto::v1::saga_orchestrator_server::SagaOrchestrator;
 use serde_json::Value;
 use tonic::{Request, Response, Status};
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::document::{self, shorten};
 use crate::engine::{Engine, EngineError, StartRequest};
 use crate::saga::{CannotRetry, SagaStatus, StepStatus};
 use crate::store::{EventRecord, ListCursor, ListFilter, SagaRecord, StoreError};
+use crate::trace;
 
 /// The largest page a listing returns.
 pub const MAX_PAGE_SIZE: u32 = 1000;
@@ -83,6 +85,20 @@ impl SagaOrchestrator for Api {
         &self,
         request: Request<pb::StartSagaRequest>,
     ) -> Result<Response<pb::StartSagaResponse>, Status> {
+        // The saga's trace continues the caller's, when it sent one (an invalid one is
+        // ignored, as W3C says); else it is a trace of its own.
+        let caller_trace = request
+            .metadata()
+            .get(trace::TRACEPARENT)
+            .and_then(|value| value.to_str().ok())
+            .filter(|value| trace::is_valid(value))
+            .map(str::to_owned);
+        let span = tracing::info_span!("StartSaga", otel.kind = "server");
+        if let Some(caller) = &caller_trace {
+            trace::continue_trace(&span, caller);
+        }
+        let trace_parent =
+            trace::traceparent_of(&span, caller_trace.as_deref()).unwrap_or_else(trace::new_trace);
         let request = request.into_inner();
         if request.saga_type.is_empty() {
             return Err(Status::invalid_argument("saga_type is required"));
@@ -110,7 +126,9 @@ impl SagaOrchestrator for Api {
                 idempotency_key: request.idempotency_key,
                 input,
                 correlation_id: request.correlation_id,
+                trace_parent: Some(trace_parent),
             })
+            .instrument(span)
             .await?;
         Ok(Response::new(pb::StartSagaResponse {
             saga_id: started.record.saga_id.to_string(),

@@ -28,10 +28,11 @@ fn start(definition: &SagaDefinition, replica_id: Uuid, input: Value) -> anyhow:
     let saga_id = Uuid::now_v7();
     let event = Event::SagaStarted {
         saga_type: definition.name.clone(),
-        definition: definition.clone(),
+        definition: Box::new(definition.clone()),
         input: input.clone(),
         correlation_id: saga_id.to_string(),
         idempotency_key: String::new(),
+        trace_parent: None,
     };
     let saga = Saga::started(saga_id, &event)?;
     Ok(SagaWrite {

@@ -9,14 +9,15 @@ use chrono::Utc;
 use sagad_proto::participant::v1::StepCommand;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use super::lease::Tenure;
 use super::participants::{Call, TIMED_OUT};
 use super::{Engine, projection};
-use crate::document;
 use crate::saga::{Command, CommandKind, Decision, Event, Outcome, Saga};
 use crate::store::{Fence, SagaWrite, StoreError, WriteOutcome};
+use crate::{document, trace};
 
 /// How long a driver waits before trying again when the database fails it.
 const STORE_RETRY_DELAY: Duration = Duration::from_secs(1);
@@ -56,7 +57,23 @@ pub(super) async fn drive(engine: &Engine, mut saga: Saga, bell: &Notify, tenure
                     tracing::info!(saga_id = %saga.id, "lease no longer trusted; letting the saga go");
                     return;
                 }
-                let call = prepare_call(&saga, command);
+                let mut call = prepare_call(&saga, command);
+                // One span per attempt, in the saga's trace; the participant continues it.
+                let attempt = tracing::info_span!(
+                    "step attempt",
+                    otel.name = %format!("{} {}", kind_name(command.kind), call.command.step),
+                    otel.kind = "client",
+                    saga_id = %saga.id,
+                    saga_type = %saga.saga_type,
+                    step = %call.command.step,
+                    kind = kind_name(command.kind),
+                    attempt = command.attempt,
+                    outcome = tracing::field::Empty,
+                );
+                if let Some(parent) = &saga.trace_parent {
+                    trace::continue_trace(&attempt, parent);
+                }
+                call.traceparent = trace::traceparent_of(&attempt, saga.trace_parent.as_deref());
                 let participant = call.participant.clone();
                 let started = std::time::Instant::now();
                 // A call in flight is allowed to finish at shutdown (it is bounded by the step's
@@ -67,7 +84,8 @@ pub(super) async fn drive(engine: &Engine, mut saga: Saga, bell: &Notify, tenure
                 let in_flight = engine
                     .inner
                     .participants
-                    .call(call, || engine.inner.lease.holds(tenure));
+                    .call(call, || engine.inner.lease.holds(tenure))
+                    .instrument(attempt.clone());
                 tokio::pin!(in_flight);
                 let outcome = loop {
                     tokio::select! {
@@ -100,7 +118,9 @@ pub(super) async fn drive(engine: &Engine, mut saga: Saga, bell: &Notify, tenure
                     }
                     continue;
                 };
-                record_call_metrics(&participant, command.kind, &outcome, started.elapsed());
+                let label =
+                    record_call_metrics(&participant, command.kind, &outcome, started.elapsed());
+                attempt.record("outcome", label);
                 let outcome = within_context_limit(&saga, outcome);
                 saga.record_outcome(command, outcome, Utc::now(), fastrand::f64())
             }
@@ -140,6 +160,7 @@ fn prepare_call(saga: &Saga, command: Command) -> Call {
         participant: step.participant.clone(),
         compensate,
         timeout: step.timeout,
+        traceparent: None,
         command: StepCommand {
             saga_id: saga.id.to_string(),
             saga_type: saga.saga_type.clone(),
@@ -153,11 +174,21 @@ fn prepare_call(saga: &Saga, command: Command) -> Call {
     }
 }
 
-fn record_call_metrics(participant: &str, kind: CommandKind, outcome: &Outcome, took: Duration) {
-    let kind = match kind {
+fn kind_name(kind: CommandKind) -> &'static str {
+    match kind {
         CommandKind::Execute => "execute",
         CommandKind::Compensate => "compensate",
-    };
+    }
+}
+
+/// Counts the call and returns its outcome's label.
+fn record_call_metrics(
+    participant: &str,
+    kind: CommandKind,
+    outcome: &Outcome,
+    took: Duration,
+) -> &'static str {
+    let kind = kind_name(kind);
     let outcome = match outcome {
         Outcome::Success { .. } | Outcome::OutputRejected { .. } => "success",
         Outcome::Refused { .. } => "refused",
@@ -178,6 +209,7 @@ fn record_call_metrics(participant: &str, kind: CommandKind, outcome: &Outcome, 
         "kind" => kind
     )
     .record(took.as_secs_f64());
+    outcome
 }
 
 /// Appends `events` and returns the saga after them; after a conflict or a database failure,

@@ -77,6 +77,8 @@ pub struct StartRequest {
     pub idempotency_key: String,
     pub input: Value,
     pub correlation_id: String,
+    /// The W3C `traceparent` the saga's spans descend from.
+    pub trace_parent: Option<String>,
 }
 
 /// The active sagas of the database, as the sampled gauges show them.
@@ -204,10 +206,11 @@ impl Engine {
         };
         let started = Event::SagaStarted {
             saga_type: request.saga_type.clone(),
-            definition: (*definition).clone(),
+            definition: Box::new((*definition).clone()),
             input: request.input.clone(),
             correlation_id,
             idempotency_key: key.clone(),
+            trace_parent: request.trace_parent.clone(),
         };
         let saga = Saga::started(saga_id, &started).map_err(|error| EngineError::CorruptLog {
             saga_id,

@@ -57,6 +57,8 @@ pub struct Call {
     pub compensate: bool,
     pub command: StepCommand,
     pub timeout: Duration,
+    /// The W3C trace context of the attempt, sent as `traceparent`.
+    pub traceparent: Option<String>,
 }
 
 impl Participants {
@@ -124,6 +126,9 @@ impl Participants {
             "x-correlation-id",
             header_value(&call.command.correlation_id),
         );
+        if let Some(traceparent) = &call.traceparent {
+            metadata.insert(crate::trace::TRACEPARENT, header_value(traceparent));
+        }
         let mut client = participant.client.clone();
         let started = tokio::time::Instant::now();
         let reply = if call.compensate {

@@ -17,10 +17,14 @@ pub enum Event {
     /// running saga.
     SagaStarted {
         saga_type: String,
-        definition: SagaDefinition,
+        definition: Box<SagaDefinition>,
         input: Value,
         correlation_id: String,
         idempotency_key: String,
+        /// The W3C `traceparent` every span of the saga descends from, so its trace goes on
+        /// after a takeover or a restart. Absent from logs written before it existed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        trace_parent: Option<String>,
     },
     StepSucceeded {
         step: String,

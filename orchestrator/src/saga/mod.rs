@@ -133,6 +133,8 @@ pub struct Saga {
     pub input: Value,
     pub correlation_id: String,
     pub idempotency_key: String,
+    /// The W3C `traceparent` the saga's spans descend from.
+    pub trace_parent: Option<String>,
     pub steps: Vec<StepState>,
     /// The seq of the last event applied (the first event has seq 1).
     pub version: u64,
@@ -252,6 +254,7 @@ impl Saga {
             input,
             correlation_id,
             idempotency_key,
+            trace_parent,
         } = event
         else {
             return Err(ApplyError::NotStarted(event.type_name()));
@@ -263,10 +266,11 @@ impl Saga {
         Ok(Saga {
             id,
             saga_type: saga_type.clone(),
-            definition: Arc::new(definition.clone()),
+            definition: Arc::new((**definition).clone()),
             input: input.clone(),
             correlation_id: correlation_id.clone(),
             idempotency_key: idempotency_key.clone(),
+            trace_parent: trace_parent.clone(),
             steps,
             version: 1,
             failure_reason: None,

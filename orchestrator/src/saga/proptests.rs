@@ -110,10 +110,11 @@ fn build_definition(specs: &[StepSpec]) -> SagaDefinition {
 fn saga_started(definition: SagaDefinition) -> Event {
     Event::SagaStarted {
         saga_type: "demo".to_owned(),
-        definition,
+        definition: Box::new(definition),
         input: input(),
         correlation_id: "corr".to_owned(),
         idempotency_key: String::new(),
+        trace_parent: None,
     }
 }
 

@@ -60,10 +60,11 @@ pub(super) fn t0() -> DateTime<Utc> {
 pub(super) fn new_saga() -> Saga {
     let started = Event::SagaStarted {
         saga_type: "demo".to_owned(),
-        definition: definition(),
+        definition: Box::new(definition()),
         input: json!({"customer_id": "c1"}),
         correlation_id: "corr".to_owned(),
         idempotency_key: String::new(),
+        trace_parent: None,
     };
     Saga::started(Uuid::nil(), &started).unwrap_or_else(|error| panic!("{error}"))
 }
@@ -533,10 +534,11 @@ fn apply_refuses_events_that_cannot_follow_and_changes_nothing() {
     );
     let again = Event::SagaStarted {
         saga_type: "demo".to_owned(),
-        definition: definition(),
+        definition: Box::new(definition()),
         input: json!({}),
         correlation_id: String::new(),
         idempotency_key: String::new(),
+        trace_parent: None,
     };
     assert_eq!(saga.apply(&again), Err(ApplyError::StartedTwice));
     assert_eq!(saga, before);
@@ -555,10 +557,11 @@ fn replay_rebuilds_the_same_state_as_live_application() {
     let mut saga = new_saga();
     let mut log = vec![Event::SagaStarted {
         saga_type: "demo".to_owned(),
-        definition: definition(),
+        definition: Box::new(definition()),
         input: json!({"customer_id": "c1"}),
         correlation_id: "corr".to_owned(),
         idempotency_key: String::new(),
+        trace_parent: None,
     }];
     let command = expect_call(&saga, t0());
     log.extend(record(&mut saga, command, success(json!({"x": 1})), t0()));
