@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer as _;
+use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
 use crate::config::LogFormat;
@@ -19,30 +21,32 @@ use crate::saga::SagaStatus;
 /// (a saga's `saga_id` and `correlation_id` among them).
 pub fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    match format {
-        LogFormat::Text => tracing_subscriber::fmt()
-            .with_env_filter(filter)
+    let lines = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
             .with_ansi(std::io::stderr().is_terminal())
-            .init(),
-        LogFormat::Json => json_subscriber(filter, std::io::stderr).init(),
-    }
+            .boxed(),
+        LogFormat::Json => json_layer(std::io::stderr).boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(lines)
+        .with(filter)
+        .init();
 }
 
 /// One JSON object per line: the event's fields flattened into it, and `spans` listing each
 /// span the event happened in, outermost first, with its fields.
-fn json_subscriber<W>(filter: EnvFilter, writer: W) -> impl tracing::Subscriber + Send + Sync
+fn json_layer<S, W>(writer: W) -> impl tracing_subscriber::Layer<S> + Send + Sync
 where
+    S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
     W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
 {
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    tracing_subscriber::fmt::layer()
         .with_writer(writer)
         .json()
         .flatten_event(true)
         .with_current_span(false)
         .with_span_list(true)
-        .finish()
 }
 
 /// A metric's Prometheus type.

@@ -83,6 +83,8 @@ use tokio::net::TcpListener;
 use tonic::service::Routes;
 use tonic::transport::server::TcpIncoming;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer as _;
+use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
 pub use handler::{StepCommandView, StepError, StepHandler};
@@ -124,30 +126,32 @@ pub enum LogFormat {
 /// a call's `saga_id` and `correlation_id` among them.
 pub fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    match format {
-        LogFormat::Text => tracing_subscriber::fmt()
-            .with_env_filter(filter)
+    let lines = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
             .with_ansi(std::io::stderr().is_terminal())
-            .init(),
-        LogFormat::Json => json_subscriber(filter, std::io::stderr).init(),
-    }
+            .boxed(),
+        LogFormat::Json => json_layer(std::io::stderr).boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(lines)
+        .with(filter)
+        .init();
 }
 
 /// One JSON object per line: the event's fields flattened into it, and `spans` listing each
 /// span the event happened in, outermost first, with its fields.
-fn json_subscriber<W>(filter: EnvFilter, writer: W) -> impl tracing::Subscriber + Send + Sync
+fn json_layer<S, W>(writer: W) -> impl tracing_subscriber::Layer<S> + Send + Sync
 where
+    S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
     W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
 {
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    tracing_subscriber::fmt::layer()
         .with_writer(writer)
         .json()
         .flatten_event(true)
         .with_current_span(false)
         .with_span_list(true)
-        .finish()
 }
 
 impl CommonArgs {
@@ -428,7 +432,9 @@ mod tests {
     fn a_json_line_inside_a_call_carries_its_saga_and_correlation_ids() {
         let written = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&written);
-        let subscriber = json_subscriber(EnvFilter::new("info"), move || Sink(Arc::clone(&sink)));
+        let subscriber = tracing_subscriber::registry()
+            .with(json_layer(move || Sink(Arc::clone(&sink))))
+            .with(EnvFilter::new("info"));
         let mut request = tonic::Request::new(StepCommand {
             step: "charge_payment".into(),
             attempt: 2,
