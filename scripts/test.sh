@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 deploy/ensure-postgres.sh
+# The metrics tests lint sagad's page with promtool.
+scripts/ensure-promtool.sh
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

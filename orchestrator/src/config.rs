@@ -34,9 +34,16 @@ pub struct Config {
     )]
     pub participants: Vec<(String, String)>,
 
-    /// HTTP address serving `GET /metrics` in the Prometheus text format.
-    #[arg(long, env = "SAGAD_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
-    pub metrics_listen: SocketAddr,
+    /// HTTP address: `GET /metrics` (Prometheus text), `/healthz` and `/readyz`. Port 0 picks
+    /// a free one (the log says which). The environment variable SAGAD_METRICS_LISTEN is read
+    /// when SAGAD_HTTP_LISTEN is unset [default: 127.0.0.1:9464]
+    #[arg(long, visible_alias = "metrics-listen", env = "SAGAD_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+
+    /// Log lines as `text` or `json` (one object per line); the filter is RUST_LOG (default
+    /// `info`).
+    #[arg(long, env = "SAGAD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
 
     /// How long to wait for an unreachable database at start before giving up.
     #[arg(long, env = "SAGAD_DATABASE_WAIT", default_value = "30s", value_parser = humantime::parse_duration)]
@@ -68,9 +75,42 @@ pub struct Config {
     pub stuck_after: Duration,
 }
 
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, with the fields of the spans it happened in.
+    Json,
+}
+
+/// The HTTP address when neither `--http-listen` nor its environment variables say otherwise.
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:9464";
+
+/// The older name of `SAGAD_HTTP_LISTEN`, still read when the new one is unset.
+const METRICS_LISTEN_ENV: &str = "SAGAD_METRICS_LISTEN";
+
 impl Config {
+    /// The HTTP address: `--http-listen` (or `--metrics-listen`), else `SAGAD_HTTP_LISTEN`, else
+    /// `SAGAD_METRICS_LISTEN`, else the default. A bad value names its variable.
+    pub fn http_listen(&self) -> Result<SocketAddr, String> {
+        if let Some(addr) = self.http_listen {
+            return Ok(addr);
+        }
+        match std::env::var(METRICS_LISTEN_ENV) {
+            Ok(value) => value
+                .trim()
+                .parse()
+                .map_err(|error| format!("{METRICS_LISTEN_ENV}={value:?}: {error}")),
+            Err(_) => DEFAULT_HTTP_LISTEN
+                .parse()
+                .map_err(|error| format!("the default HTTP address: {error}")),
+        }
+    }
+
     /// Checks what one flag alone cannot: the error names the flag.
     pub fn validate(&self) -> Result<(), String> {
+        self.http_listen()?;
         if self.poll_interval > self.lease_ttl {
             return Err(format!(
                 "--poll-interval ({}) must not be longer than --lease-ttl ({})",

@@ -1,8 +1,10 @@
-//! Puts the rooms together: definitions, store, writer, engine, and the gRPC server with health
-//! and reflection. The binary adds the process concerns (flags, logging, metrics, signals);
-//! tests call [`serve`] in-process.
+//! Puts the rooms together: definitions, store, writer, engine, the gRPC server with health
+//! and reflection, and the HTTP server (metrics, health). The binary adds the process concerns
+//! (flags, logging, the metrics recorder, signals); tests call [`serve`] in-process.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -15,7 +17,18 @@ use crate::api::Api;
 use crate::config::Config;
 use crate::definition::DefinitionSet;
 use crate::engine::{Engine, LeaseTiming, Participants};
+use crate::http::Readiness;
 use crate::store::{Store, Writer};
+use crate::telemetry::{ActivityGauges, Metrics};
+
+/// How often the metrics' upkeep and the sample of the sagas in the database run.
+const SAMPLE_EVERY: Duration = Duration::from_secs(5);
+
+/// The HTTP side of a daemon: where it listens and the metrics page it renders.
+pub struct HttpEndpoint {
+    pub listener: TcpListener,
+    pub metrics: Metrics,
+}
 
 /// Checks what can be checked without the network: definitions and participant addresses.
 pub fn check(config: &Config) -> anyhow::Result<(DefinitionSet, Participants)> {
@@ -27,13 +40,34 @@ pub fn check(config: &Config) -> anyhow::Result<(DefinitionSet, Participants)> {
     Ok((definitions, participants))
 }
 
-/// Runs sagad on `listener` until `shutdown` resolves, then drains gracefully.
+/// Runs sagad on `listener` (gRPC) and `http` until `shutdown` resolves, then drains
+/// gracefully. The HTTP server answers from the start, `/readyz` with 503 until the engine runs.
 pub async fn serve(
     config: Config,
     listener: TcpListener,
+    http: Option<HttpEndpoint>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (definitions, participants) = check(&config)?;
+    crate::telemetry::preset(&definitions);
+    let gauges = ActivityGauges::new(&definitions);
+    let ready = ReadySwitch::default();
+    let stop_http = CancellationToken::new();
+    // Whatever way this function ends, the HTTP server ends with it.
+    let _stop_http_on_return = stop_http.clone().drop_guard();
+    let (http_task, metrics) = match http {
+        Some(HttpEndpoint { listener, metrics }) => {
+            tracing::info!(http_listen = %listener.local_addr()?, "HTTP is serving");
+            let router = crate::http::router(metrics.clone(), ready.readiness());
+            let task = tokio::spawn(crate::http::serve(
+                listener,
+                router,
+                stop_http.clone().cancelled_owned(),
+            ));
+            (Some(task), Some(metrics))
+        }
+        None => (None, None),
+    };
     let (health, health_service) = tonic_health::server::health_reporter();
     let store = Store::connect(&config.database_url, config.database_wait)
         .await
@@ -52,6 +86,18 @@ pub async fn serve(
         config.stuck_after,
     )
     .await?;
+    ready.set(engine.clone());
+    let stop_sampling = CancellationToken::new();
+    let _stop_sampling_on_return = stop_sampling.clone().drop_guard();
+    // Without an HTTP server nobody reads the metrics: no sampling either.
+    let sampler = metrics.map(|metrics| {
+        tokio::spawn(sample(
+            engine.clone(),
+            metrics,
+            gauges,
+            stop_sampling.clone(),
+        ))
+    });
     health.set_serving::<SagaOrchestratorServer<Api>>().await;
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -80,6 +126,8 @@ pub async fn serve(
     tokio::select! {
         served = &mut server => {
             // The server ended without being asked: stop the rest too.
+            ready.clear();
+            stop_sampling.cancel();
             engine.shutdown(Duration::ZERO).await;
             return served.context("--listen");
         }
@@ -89,6 +137,7 @@ pub async fn serve(
     // Everything below ends within the grace period, whatever is stuck.
     let deadline = tokio::time::Instant::now() + config.shutdown_grace;
     tracing::info!("shutting down: no new sagas; finishing calls in flight");
+    ready.stop();
     health
         .set_not_serving::<SagaOrchestratorServer<Api>>()
         .await;
@@ -109,10 +158,96 @@ pub async fn serve(
             "the engine did not stop within the grace period; its sagas are taken over once the lease expires"
         );
     }
+    stop_sampling.cancel();
+    if let Some(sampler) = sampler {
+        let _ = tokio::time::timeout_at(deadline, sampler).await;
+    }
+    // The HTTP server answers until the engine has drained (`/readyz` with 503 by now).
+    ready.clear();
+    stop_http.cancel();
+    if let Some(task) = http_task {
+        match tokio::time::timeout_at(deadline, task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(error))) => tracing::warn!(%error, "the HTTP server failed"),
+            Ok(Err(error)) => tracing::warn!(%error, "the HTTP server's task failed"),
+            Err(_) => tracing::warn!(
+                "HTTP requests still open at the end of the grace period are dropped"
+            ),
+        }
+    }
     drop(engine);
     // The writer ends once the last handle is gone.
     let _ = tokio::time::timeout_at(deadline, writer_task).await;
     let _ = tokio::time::timeout_at(deadline, store.close()).await;
     tracing::info!("sagad stopped");
     Ok(())
+}
+
+/// What `/readyz` reports: the engine's own readiness once it runs, false before, and false
+/// from the start of a shutdown on. It holds the engine only until [`clear`](Self::clear), so
+/// that a request still open cannot keep the engine (and the writer) alive.
+#[derive(Clone, Default)]
+struct ReadySwitch {
+    engine: Arc<RwLock<Option<Engine>>>,
+    stopping: Arc<AtomicBool>,
+}
+
+impl ReadySwitch {
+    fn set(&self, engine: Engine) {
+        if let Ok(mut slot) = self.engine.write() {
+            *slot = Some(engine);
+        }
+    }
+
+    fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+
+    fn clear(&self) {
+        self.stop();
+        if let Ok(mut slot) = self.engine.write() {
+            *slot = None;
+        }
+    }
+
+    fn readiness(&self) -> Readiness {
+        let switch = self.clone();
+        Arc::new(move || {
+            !switch.stopping.load(Ordering::SeqCst)
+                && switch
+                    .engine
+                    .read()
+                    .is_ok_and(|slot| slot.as_ref().is_some_and(Engine::ready))
+        })
+    }
+}
+
+/// Every [`SAMPLE_EVERY`] until `stop`: the metrics' upkeep, and one sample of the sagas in
+/// the database for the gauges. A sample that fails (the database is down) leaves the gauges
+/// as they were; the next one tries again.
+async fn sample(
+    engine: Engine,
+    metrics: Metrics,
+    mut gauges: ActivityGauges,
+    stop: CancellationToken,
+) {
+    let mut every = tokio::time::interval(SAMPLE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        metrics.upkeep();
+        let sampled = tokio::select! {
+            () = stop.cancelled() => return,
+            sampled = engine.sample_activity() => sampled,
+        };
+        match sampled {
+            Ok(activity) => {
+                gauges.record(&activity.active, activity.stuck, activity.oldest_active_age);
+            }
+            Err(error) => tracing::debug!(%error, "cannot sample the sagas in the database"),
+        }
+    }
 }

@@ -453,8 +453,7 @@ impl DefinitionSet {
         self.by_type.get(saga_type)?.get(&version).map(Arc::clone)
     }
 
-    #[cfg(test)]
-    /// Every participant name used by some step: the clients the engine needs.
+    /// Every participant name used by some step.
     pub fn participants(&self) -> BTreeSet<&str> {
         self.loaded
             .iter()
@@ -545,7 +544,6 @@ impl DefinitionSet {
         self.loaded.is_empty()
     }
 
-    #[cfg(test)]
     /// The loaded saga types, sorted, each once.
     pub fn saga_types(&self) -> impl Iterator<Item = &str> {
         self.by_type.keys().map(String::as_str)

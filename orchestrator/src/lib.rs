@@ -2,7 +2,8 @@
 //! compensated newest first when a step is refused or cannot be got through.
 //!
 //! Data flows one way: `api` → `engine` → `saga` (the pure core) and `store` (all SQL).
-//! `definition` parses and validates the saga definitions.
+//! `definition` parses and validates the saga definitions; `http` and `telemetry` are what
+//! operators read (metrics, health, logs).
 
 pub mod api;
 pub mod cli;
@@ -11,6 +12,8 @@ pub mod daemon;
 pub mod definition;
 pub mod document;
 pub mod engine;
+pub mod http;
 pub mod saga;
 pub mod store;
+pub mod telemetry;
 pub mod trace;

@@ -4,17 +4,21 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser as _;
 use sagad::config::Config;
-use sagad_proto::v1::ListSagasRequest;
 use sagad_proto::v1::saga_orchestrator_client::SagaOrchestratorClient;
 use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 use crate::Client;
 
@@ -40,7 +44,7 @@ impl TestDaemon {
         args.extend(["--listen".to_owned(), addr.to_string()]);
         let config = parse_config(&args)?;
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(sagad::daemon::serve(config, listener, async {
+        let task = tokio::spawn(sagad::daemon::serve(config, listener, None, async {
             let _ = stopped.await;
         }));
         let mut daemon = Self {
@@ -96,18 +100,24 @@ impl Drop for TestDaemon {
     }
 }
 
-/// Is a sagad serving at `addr`? A listing answers only once the database is migrated.
-async fn serving(addr: SocketAddr) -> bool {
-    let Ok(mut client) = SagaOrchestratorClient::connect(format!("http://{addr}")).await else {
+/// The health service name sagad reports SERVING once its database is reachable and migrated.
+const SAGAD_SERVICE: &str = "sagad.v1.SagaOrchestrator";
+
+/// Is a sagad serving at `addr`? Its health service says so (any other gRPC server would
+/// answer a plain request too, or not know the service).
+pub async fn serving(addr: SocketAddr) -> bool {
+    let Ok(channel) = Channel::from_shared(format!("http://{addr}")) else {
         return false;
     };
-    client
-        .list_sagas(ListSagasRequest {
-            page_size: 1,
-            ..Default::default()
+    let Ok(channel) = channel.connect().await else {
+        return false;
+    };
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: SAGAD_SERVICE.to_owned(),
         })
         .await
-        .is_ok()
+        .is_ok_and(|reply| reply.into_inner().status == ServingStatus::Serving as i32)
 }
 
 /// The workspace's built binary: from `SAGAD_BIN_DIR` if set, else from the profile these
@@ -140,57 +150,93 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
 
 /// The real sagad binary, running in a process of its own.
 pub struct SagadProcess {
+    /// The gRPC address it bound.
     pub addr: SocketAddr,
-    pub metrics_addr: SocketAddr,
+    /// The HTTP address it bound (`/metrics`, `/healthz`, `/readyz`).
+    pub http_addr: SocketAddr,
     child: Child,
     pub log: PathBuf,
 }
 
+/// The environment variables sagad reads its addresses and log format from.
+const SAGAD_ENV: [&str; 4] = [
+    "SAGAD_LISTEN",
+    "SAGAD_HTTP_LISTEN",
+    "SAGAD_METRICS_LISTEN",
+    "SAGAD_LOG_FORMAT",
+];
+
+/// Numbers the log files of the sagad processes a test binary starts.
+static STARTED: AtomicU32 = AtomicU32::new(0);
+
 impl SagadProcess {
-    /// Starts sagad with these flags plus a free `--listen` and `--metrics-listen`, and waits
-    /// until it serves. Its stderr goes to a log file in `log_dir`.
+    /// Starts sagad with these flags plus `--listen 127.0.0.1:0` and `--http-listen
+    /// 127.0.0.1:0` (it binds free ports and logs them), and waits until it serves. Its stderr
+    /// goes to a log file in `log_dir`.
     pub async fn start(args: &[String], log_dir: &Path) -> anyhow::Result<Self> {
-        let addr: SocketAddr = format!("127.0.0.1:{}", crate::free_port()?).parse()?;
-        let metrics_addr: SocketAddr = format!("127.0.0.1:{}", crate::free_port()?).parse()?;
         let mut all = args.to_vec();
-        all.extend([
-            "--listen".to_owned(),
-            addr.to_string(),
-            "--metrics-listen".to_owned(),
-            metrics_addr.to_string(),
-        ]);
-        let log = log_dir.join(format!("sagad-{}.log", addr.port()));
+        all.extend(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"].map(str::to_owned));
+        Self::start_with(&all, &[], log_dir).await
+    }
+
+    /// Starts sagad with exactly these flags and environment variables (which must make it
+    /// bind free ports), and waits until it serves; sagad's other variables are not passed on
+    /// from the test's environment. The addresses it bound are read from its log, in either
+    /// log format.
+    pub async fn start_with(
+        args: &[String],
+        env: &[(&str, &str)],
+        log_dir: &Path,
+    ) -> anyhow::Result<Self> {
+        let number = STARTED.fetch_add(1, Ordering::Relaxed);
+        let log = log_dir.join(format!("sagad-{}-{number}.log", std::process::id()));
         let stderr = std::fs::File::create(&log)?;
-        let child = Command::new(binary("sagad")?)
-            .args(&all)
+        let mut command = Command::new(binary("sagad")?);
+        for name in SAGAD_ENV {
+            command.env_remove(name);
+        }
+        let mut child = command
+            .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
             .kill_on_drop(true)
             .spawn()
             .context("starting sagad")?;
-        let mut process = Self {
+        let until = tokio::time::Instant::now() + Duration::from_secs(60);
+        let (addr, http_addr) = loop {
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "sagad exited with {status} before serving: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let (Some(addr), Some(http_addr)) = (
+                logged_addr(&text, "sagad is serving", "listen"),
+                logged_addr(&text, "HTTP is serving", "http_listen"),
+            ) {
+                break (addr, http_addr);
+            }
+            if tokio::time::Instant::now() > until {
+                bail!("sagad did not log its addresses within 60 s: {text}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let process = Self {
             addr,
-            metrics_addr,
+            http_addr,
             child,
             log,
         };
-        let until = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = process.child.try_wait()? {
-                bail!(
-                    "sagad exited with {status} before serving: {}",
-                    std::fs::read_to_string(&process.log).unwrap_or_default()
-                );
-            }
-            if serving(addr).await {
-                return Ok(process);
-            }
+        while !serving(addr).await {
             if tokio::time::Instant::now() > until {
-                bail!("sagad did not serve within 60 s");
+                bail!("sagad's health service did not say SERVING within 60 s");
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        Ok(process)
     }
 
     pub async fn client(&self) -> anyhow::Result<Client> {
@@ -245,4 +291,22 @@ pub async fn run_to_exit(args: &[String]) -> anyhow::Result<(std::process::ExitS
         output.status,
         String::from_utf8_lossy(&output.stderr).into_owned(),
     ))
+}
+
+/// The address in field `field` of the first log line whose message is `message`: text lines
+/// (`… message field=ADDR …`) and JSON lines (`{"message": …, "field": "ADDR", …}`) alike.
+pub fn logged_addr(log: &str, message: &str, field: &str) -> Option<SocketAddr> {
+    log.lines().find_map(|line| {
+        if let Ok(serde_json::Value::Object(object)) = serde_json::from_str(line) {
+            return (object.get("message")?.as_str()? == message)
+                .then(|| object.get(field)?.as_str()?.parse().ok())
+                .flatten();
+        }
+        if !line.contains(message) {
+            return None;
+        }
+        let prefix = format!("{field}=");
+        line.split_whitespace()
+            .find_map(|token| token.strip_prefix(&prefix)?.parse().ok())
+    })
 }

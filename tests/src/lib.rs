@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod database;
 pub mod demo;
 pub mod metrics;
+pub mod otlp;
 pub mod participant;
 pub mod postgres;
 pub mod signals;

@@ -1,29 +1,41 @@
-//! Reads a sagad process's Prometheus metrics (`GET /metrics` at its `--metrics-listen`
-//! address) with a plain HTTP/1.0 request: the figures a test checks beside the API's answers.
+//! Reads a sagad process's HTTP endpoints (`/metrics`, `/healthz`, `/readyz` at its
+//! `--http-listen` address) with plain HTTP/1.0 requests, and checks a metrics page with
+//! Prometheus's own `promtool`.
 
 use std::net::SocketAddr;
+use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{Context, ensure};
+use anyhow::{Context, bail, ensure};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
+use tokio::process::Command;
 
-/// The metrics page as text. The exporter answers from memory, so it answers even while the
+/// The metrics page as text. The page is rendered from memory, so it answers even while the
 /// database does not; 10 s is the bound for a loaded machine.
 pub async fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
-    tokio::time::timeout(Duration::from_secs(10), fetch(addr))
-        .await
-        .with_context(|| format!("GET http://{addr}/metrics did not answer within 10 s"))?
+    let (status, body) = get(addr, "/metrics").await?;
+    ensure!(
+        status == 200,
+        "GET http://{addr}/metrics answered {status}: {body}"
+    );
+    Ok(body)
 }
 
-async fn fetch(addr: SocketAddr) -> anyhow::Result<String> {
+/// `GET path`: the status code and the body, within 10 s.
+pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    tokio::time::timeout(Duration::from_secs(10), fetch(addr, path))
+        .await
+        .with_context(|| format!("GET http://{addr}{path} did not answer within 10 s"))?
+}
+
+async fn fetch(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
     let mut stream = TcpStream::connect(addr)
         .await
-        .with_context(|| format!("connecting to the metrics listener {addr}"))?;
+        .with_context(|| format!("connecting to the HTTP listener {addr}"))?;
     stream
         .write_all(
-            format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
+            format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
         )
         .await?;
     let mut response = Vec::new();
@@ -31,26 +43,73 @@ async fn fetch(addr: SocketAddr) -> anyhow::Result<String> {
     let response = String::from_utf8_lossy(&response).into_owned();
     let (head, body) = response
         .split_once("\r\n\r\n")
-        .context("a metrics response without a blank line after its head")?;
+        .context("an HTTP response without a blank line after its head")?;
     let status_line = head.lines().next().unwrap_or_default();
-    ensure!(
-        status_line.split_whitespace().nth(1) == Some("200"),
-        "GET http://{addr}/metrics answered {status_line:?}"
-    );
-    Ok(body.to_owned())
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .with_context(|| format!("GET http://{addr}{path}: no status in {status_line:?}"))?;
+    Ok((status, body.to_owned()))
 }
 
 /// The sum of every series of metric `name` on the page (all label sets); 0 when the page has
 /// none, as for a counter never incremented since the process started.
 pub fn total(page: &str, name: &str) -> f64 {
+    value(page, name, &[])
+}
+
+/// The sum of the series of metric `name` (a histogram's `_count`, `_sum` or `_bucket` too)
+/// whose labels include every one of `labels`.
+pub fn value(page: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     page.lines()
         .filter(|line| !line.starts_with('#'))
         .filter_map(|line| {
             let (series, value) = line.rsplit_once(' ')?;
-            let metric = series.split('{').next()?;
-            (metric == name)
-                .then(|| value.parse::<f64>().ok())
-                .flatten()
+            let (metric, rest) = series.split_once('{').unwrap_or((series, "}"));
+            let matches = metric == name
+                && labels
+                    .iter()
+                    .all(|(label, value)| rest.contains(&format!("{label}=\"{value}\"")));
+            matches.then(|| value.parse::<f64>().ok()).flatten()
         })
         .fold(0.0, |total, value| total + value)
+}
+
+/// `promtool check metrics` on the page: what Prometheus's own linter says, which must be
+/// nothing. promtool comes with Debian's `prometheus` package, which `scripts/test.sh`
+/// installs (`scripts/ensure-promtool.sh`); without it this fails, it does not skip.
+pub async fn promtool_check(page: &str) -> anyhow::Result<()> {
+    let mut child = match Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+    {
+        Ok(child) => child,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => bail!(
+            "promtool is not installed: run scripts/ensure-promtool.sh (it installs Debian's \
+             prometheus package, which scripts/test.sh does before the tests)"
+        ),
+        Err(error) => return Err(error).context("running promtool"),
+    };
+    let mut stdin = child.stdin.take().context("promtool's stdin")?;
+    stdin.write_all(page.as_bytes()).await?;
+    drop(stdin);
+    let output = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .context("promtool did not finish within 60 s")??;
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    ensure!(
+        output.status.success() && said.trim().is_empty(),
+        "promtool check metrics: {}: {said}",
+        output.status
+    );
+    Ok(())
 }

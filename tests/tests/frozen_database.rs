@@ -77,7 +77,7 @@ async fn freeze_under_load(
     let Some(watched) = unfinished.first().cloned() else {
         bail!("every saga ended before the freeze: the test proves nothing");
     };
-    let metrics_addr = system.replica(0)?.metrics_addr;
+    let metrics_addr = system.replica(0)?.http_addr;
     let lost_before = metrics::total(&metrics::scrape(metrics_addr).await?, LEASES_LOST);
     let client = system.client().await?;
 

@@ -23,7 +23,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 // ---------------------------------------------------------------------------------------------
 // Helpers shared by the tests.
 
-/// The flags every started sagad gets (`SagadProcess` adds `--listen` and `--metrics-listen`).
+/// The flags every started sagad gets (`SagadProcess` adds `--listen` and `--http-listen`).
 fn sagad_args(db: &TestDatabase, defs: &Path, participants: &[&FakeParticipant]) -> Vec<String> {
     let mut args = vec![
         "--database-url".to_owned(),
@@ -807,7 +807,9 @@ async fn run_sagad(args: &[String]) -> anyhow::Result<(ExitStatus, String, Durat
         "SAGAD_LISTEN",
         "SAGAD_DEFS",
         "SAGAD_PARTICIPANTS",
+        "SAGAD_HTTP_LISTEN",
         "SAGAD_METRICS_LISTEN",
+        "SAGAD_LOG_FORMAT",
         "SAGAD_DATABASE_WAIT",
         "SAGAD_PARTICIPANT_CONCURRENCY",
         "SAGAD_SHUTDOWN_GRACE",
@@ -835,9 +837,8 @@ fn the_one_line(stderr: &str) -> anyhow::Result<&str> {
     Ok(line)
 }
 
-fn free_addr() -> anyhow::Result<String> {
-    Ok(format!("127.0.0.1:{}", free_port()?))
-}
+/// Any free port: sagad binds it only once everything else is checked.
+const ANY_PORT: &str = "127.0.0.1:0";
 
 /// A folder with one valid definition using participant `p`.
 fn valid_defs() -> anyhow::Result<Scratch> {
@@ -898,9 +899,9 @@ async fn a_bad_definition_file_is_refused_in_one_line_before_the_database() -> a
             "--participant".into(),
             "p=http://127.0.0.1:1".into(),
             "--listen".into(),
-            free_addr()?,
-            "--metrics-listen".into(),
-            free_addr()?,
+            ANY_PORT.into(),
+            "--http-listen".into(),
+            ANY_PORT.into(),
         ];
         let (status, stderr, took) = run_sagad(&args).await?;
         assert!(!status.success(), "{what}: sagad exited with {status}");
@@ -941,8 +942,8 @@ fn flags_without(defs: &Path, without: &str) -> anyhow::Result<Vec<String>> {
         ("--database-url", NO_DATABASE.to_owned()),
         ("--defs", defs.display().to_string()),
         ("--participant", "p=http://127.0.0.1:1".to_owned()),
-        ("--listen", free_addr()?),
-        ("--metrics-listen", free_addr()?),
+        ("--listen", ANY_PORT.to_owned()),
+        ("--http-listen", ANY_PORT.to_owned()),
     ];
     Ok(all
         .into_iter()
@@ -1192,7 +1193,7 @@ async fn metrics_answer_in_prometheus_text_after_a_saga() -> anyhow::Result<()> 
         let saga = wait_terminal(&mut client, &id, Duration::from_secs(30)).await?;
         assert_eq!(SagaStatus::try_from(saga.status), Ok(SagaStatus::Completed));
 
-        let (status, headers, body) = http_get(sagad.metrics_addr, "/metrics").await?;
+        let (status, headers, body) = http_get(sagad.http_addr, "/metrics").await?;
         assert!(status.contains(" 200"), "GET /metrics answered {status:?}");
         assert!(
             headers

@@ -1,13 +1,11 @@
 //! The sagad daemon: flags, logging, metrics and signals around [`sagad::daemon::serve`].
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use metrics_exporter_prometheus::PrometheusBuilder;
 use sagad::config::Config;
+use sagad::daemon::HttpEndpoint;
 use tokio::net::TcpListener;
-use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let config = match Config::try_parse() {
@@ -32,13 +30,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    sagad::telemetry::init_logging(config.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -68,11 +60,17 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|error| anyhow::anyhow!("--listen {}: {error}", config.listen))?;
-    PrometheusBuilder::new()
-        .with_http_listener(config.metrics_listen)
-        .install()
-        .map_err(|error| anyhow::anyhow!("--metrics-listen {}: {error}", config.metrics_listen))?;
-    sagad::daemon::serve(config, listener, shutdown_signal()).await
+    let http_listen = config.http_listen().map_err(anyhow::Error::msg)?;
+    let http_listener = TcpListener::bind(http_listen)
+        .await
+        .map_err(|error| anyhow::anyhow!("--http-listen {http_listen}: {error}"))?;
+    let metrics = sagad::telemetry::install_recorder()
+        .map_err(|error| anyhow::anyhow!("the metrics recorder: {error}"))?;
+    let http = HttpEndpoint {
+        listener: http_listener,
+        metrics,
+    };
+    sagad::daemon::serve(config, listener, Some(http), shutdown_signal()).await
 }
 
 async fn shutdown_signal() {

@@ -243,6 +243,19 @@ async fn commit(engine: &Engine, saga: &Saga, events: Vec<Event>, tenure: &Tenur
                     "status" => next.status().as_str()
                 )
                 .increment(1);
+                // A saga's id is a UUIDv7: it carries the millisecond the saga was started.
+                if let Some(started) = next.id.get_timestamp() {
+                    let (seconds, nanos) = started.to_unix();
+                    let started = std::time::UNIX_EPOCH + Duration::new(seconds, nanos);
+                    if let Ok(took) = std::time::SystemTime::now().duration_since(started) {
+                        metrics::histogram!(
+                            "sagad_saga_duration_seconds",
+                            "saga_type" => next.saga_type.clone(),
+                            "status" => next.status().as_str()
+                        )
+                        .record(took.as_secs_f64());
+                    }
+                }
             }
             for event in &events_written {
                 log_event(event);

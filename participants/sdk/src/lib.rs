@@ -13,7 +13,7 @@
 //!   execute); [`StepError::Internal`] rolls back everything, records nothing, and answers gRPC
 //!   `INTERNAL`, so the orchestrator retries.
 //!
-//! [`run`] is a participant's whole `main`: the common flags ([`CommonArgs`]), the database (created if missing, migrated), fault injection, tracing, health,
+//! [`run`] is a participant's whole `main`: the common flags ([`CommonArgs`]), the database (created if missing, migrated), fault injection, tracing (text or JSON logs), health,
 //! and graceful shutdown on SIGTERM/SIGINT. A complete minimal participant:
 //!
 //! ```no_run
@@ -83,6 +83,9 @@ use tokio::net::TcpListener;
 use tonic::service::Routes;
 use tonic::transport::server::TcpIncoming;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer as _;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
 pub use handler::{StepCommandView, StepError, StepHandler};
 pub use ledger::{TABLE as LEDGER_TABLE, migrate as migrate_ledger};
@@ -103,6 +106,52 @@ pub struct CommonArgs {
     /// Every Execute/Compensate waits this many milliseconds first
     #[arg(long, default_value_t = 0)]
     pub latency_ms: u64,
+    /// Log lines as `text` or `json` (one object per line); the filter is RUST_LOG (default
+    /// `info`)
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, with the fields of the spans it happened in.
+    Json,
+}
+
+/// Logs to stderr in `format`, filtered by `RUST_LOG` (default `info`). A JSON line carries the
+/// event's fields at the top level and, under `spans`, the fields of every span it happened in:
+/// a call's `saga_id` and `correlation_id` among them.
+pub fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let lines = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+            .boxed(),
+        LogFormat::Json => json_layer(std::io::stderr).boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(lines)
+        .with(filter)
+        .init();
+}
+
+/// One JSON object per line: the event's fields flattened into it, and `spans` listing each
+/// span the event happened in, outermost first, with its fields.
+fn json_layer<S, W>(writer: W) -> impl tracing_subscriber::Layer<S> + Send + Sync
+where
+    S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    tracing_subscriber::fmt::layer()
+        .with_writer(writer)
+        .json()
+        .flatten_event(true)
+        .with_current_span(false)
+        .with_span_list(true)
 }
 
 impl CommonArgs {
@@ -228,13 +277,7 @@ where
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    init_logging(cli.common.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -372,5 +415,65 @@ pub async fn shutdown_signal() {
         Err(_) => {
             let _ = interrupt.await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use sagad_proto::participant::v1::StepCommand;
+
+    use super::*;
+
+    /// Collects what a subscriber writes.
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Sink {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_json_line_inside_a_call_carries_its_saga_and_correlation_ids() {
+        let written = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&written);
+        let subscriber = tracing_subscriber::registry()
+            .with(json_layer(move || Sink(Arc::clone(&sink))))
+            .with(EnvFilter::new("info"));
+        let mut request = tonic::Request::new(StepCommand {
+            step: "charge_payment".into(),
+            attempt: 2,
+            ..Default::default()
+        });
+        request
+            .metadata_mut()
+            .insert("x-saga-id", "0190-saga".parse().unwrap());
+        request
+            .metadata_mut()
+            .insert("x-correlation-id", "order-7".parse().unwrap());
+        tracing::subscriber::with_default(subscriber, || {
+            let _call = service::call_span("Execute", &request).entered();
+            tracing::info!(refused = false, "executed");
+        });
+        let text = String::from_utf8(written.lock().unwrap().clone()).unwrap();
+        println!("{text}");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 1, "one line per event: {text}");
+        let line: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+        assert_eq!(line["message"], "executed");
+        assert_eq!(line["refused"], false);
+        assert_eq!(line["level"], "INFO");
+        let call = &line["spans"][0];
+        assert_eq!(call["saga_id"], "0190-saga");
+        assert_eq!(call["correlation_id"], "order-7");
+        assert_eq!(call["step"], "charge_payment");
+        assert_eq!(call["attempt"], 2);
     }
 }

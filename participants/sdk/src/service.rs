@@ -247,7 +247,7 @@ async fn to_the_end(
     }
 }
 
-fn call_span(rpc: &'static str, request: &Request<StepCommand>) -> tracing::Span {
+pub(crate) fn call_span(rpc: &'static str, request: &Request<StepCommand>) -> tracing::Span {
     let metadata = |name: &str| {
         request
             .metadata()
