@@ -10,13 +10,15 @@ scripts/ensure-promtool.sh
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-if command -v cargo-sqlx >/dev/null; then
-  # The committed .sqlx/ must match the queries (this needs the database).
-  DATABASE_URL=postgres://postgres:postgres@127.0.0.1:5432/sagad_sqlx_check \
-    cargo sqlx database setup --source migrations/orchestrator >/dev/null
-  DATABASE_URL=postgres://postgres:postgres@127.0.0.1:5432/sagad_sqlx_check \
-    cargo sqlx prepare --workspace --check
+# The committed .sqlx/ must match the queries (this needs the database), so the check always
+# runs: sqlx-cli is installed here when missing.
+if ! command -v cargo-sqlx >/dev/null; then
+  cargo install sqlx-cli --version 0.9.0 --no-default-features --features postgres,rustls --locked
 fi
+DATABASE_URL=postgres://postgres:postgres@127.0.0.1:5432/sagad_sqlx_check \
+  cargo sqlx database setup --source migrations/orchestrator >/dev/null
+DATABASE_URL=postgres://postgres:postgres@127.0.0.1:5432/sagad_sqlx_check \
+  cargo sqlx prepare --workspace --check
 # The end-to-end tests run the binaries, so build them first.
 cargo build --workspace --bins --locked
 cargo test --workspace --locked
