@@ -25,8 +25,14 @@ sagactl=$bin/sagactl
 start_wait_s=60
 stop_wait_s=20
 
-say() { printf '%s\n' "$*"; }
-fail() { printf 'run.sh: %s\n' "$*" >&2; exit 1; }
+# Output may go to a pipe whose reader is gone (`run.sh | tee demo.log`, then Ctrl-C stops tee
+# too): a write that fails must neither kill the script (SIGPIPE, ignored once the services
+# run) nor stop it (set -e), or the services, each in a session of its own, would outlive it.
+say() { printf '%s\n' "$*" 2>/dev/null || true; }
+fail() {
+  printf 'run.sh: %s\n' "$*" >&2 2>/dev/null || true
+  exit 1
+}
 
 listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
@@ -35,7 +41,8 @@ pids=()
 names=()
 
 # Stops every process still running, newest first (sagad before the participants it calls):
-# SIGTERM, then wait; one that outlives the wait is killed. Reports how each ended.
+# SIGTERM to its process group (each leads one, being started with setsid), then wait; one that
+# outlives the wait is killed. Reports how each ended.
 stop_all() {
   local i pid name status
   for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
@@ -47,14 +54,14 @@ stop_all() {
       say "  $name had already stopped (exit $status)"
       continue
     fi
-    kill -TERM "$pid" 2>/dev/null || true
+    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
     for ((tick = 0; tick < stop_wait_s * 10; tick++)); do
       kill -0 "$pid" 2>/dev/null || break
       sleep 0.1
     done
     if kill -0 "$pid" 2>/dev/null; then
       say "  $name did not stop within ${stop_wait_s}s: killing it"
-      kill -KILL "$pid" 2>/dev/null || true
+      kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
     fi
     status=0
     wait "$pid" 2>/dev/null || status=$?
@@ -65,8 +72,9 @@ stop_all() {
 }
 
 # A second Ctrl-C is ignored: the stop is bounded, and leaving now would orphan the processes.
+# So is SIGPIPE: the terminal's Ctrl-C also stopped whatever reads our output.
 on_signal() {
-  trap '' INT TERM HUP
+  trap '' INT TERM HUP PIPE
   say ""
   say "Stopping (logs stay in $logs/):"
   stop_all
@@ -75,6 +83,7 @@ on_signal() {
 
 on_exit() {
   local status=$?
+  trap '' INT TERM HUP PIPE
   if ((${#pids[@]} > 0)); then
     say "Stopping what was started:"
     stop_all
@@ -96,8 +105,10 @@ show_log() {
 
 # start NAME ARGS...: runs the binary NAME in a session of its own (so a Ctrl-C in the
 # terminal reaches only this script, which stops the processes in order), its output to
-# $logs/NAME.log.
+# $logs/NAME.log. From the first start on, a write to a closed output no longer kills the
+# script (see say).
 start() {
+  trap '' PIPE
   local name=$1
   shift
   setsid "$bin/$name" "$@" >"$logs/$name.log" 2>&1 </dev/null &
@@ -160,12 +171,15 @@ run_id=$(date +%Y%m%d-%H%M%S)
 
 # demo NUMBER TITLE EXPECTED STORY INPUT: starts one saga, waits for it to end, prints it.
 demo() {
-  local number=$1 title=$2 expected=$3 story=$4 input=$5 shown status
+  local number=$1 title=$2 expected=$3 story=$4 input=$5 shown status code
   say ""
   say "=== $number. $title"
   say "    expected: $expected: $story"
   say ""
-  if ! shown=$("$sagactl" start order_fulfillment --input "$input" --wait --timeout 60s); then
+  # sagactl start --wait exits 0 for COMPLETED, 3 for COMPENSATED, 4 for FAILED.
+  code=0
+  shown=$("$sagactl" start order_fulfillment --input "$input" --wait --timeout 60s) || code=$?
+  if ((code != 0 && code != 3 && code != 4)); then
     say "!!! this saga could not be run or did not end: see the message above and $logs/"
     return 0
   fi
@@ -206,6 +220,8 @@ refuses country AQ), then look at them:
       --input '{"customer_id":"dave","amount_cents":1250,"currency":"EUR","country":"DE","items":[{"sku":"mug-3","quantity":2}]}'
   $shown_sagactl list
   $shown_sagactl get SAGA_ID
+  $shown_sagactl watch SAGA_ID      # its events as they come, until it ends
+  $shown_sagactl list --stuck       # sagas whose current step keeps failing
 
 Logs: tail -f $logs/*.log. Press Ctrl-C to stop everything.
 EOF
