@@ -644,12 +644,16 @@ impl Server {
             Code::Unimplemented | Code::Cancelled | Code::Unknown | Code::Internal
         );
         if suspicious && let Some(why) = self.not_sagad().await {
+            let answered = status_text(&status);
+            let why = if why.ends_with(&answered) {
+                why
+            } else {
+                format!("{why}; the call answered {answered}")
+            };
             return anyhow!(
-                "this is not a sagad gRPC server at {} ({why}; the call answered {}): check \
-                 --server or SAGAD_ADDR (sagad's gRPC address is 127.0.0.1:50051 unless its \
-                 --listen says otherwise)",
-                self.url,
-                status_text(&status)
+                "this is not a sagad gRPC server at {} ({why}): check --server or SAGAD_ADDR \
+                 (sagad's gRPC address is 127.0.0.1:50051 unless its --listen says otherwise)",
+                self.url
             );
         }
         anyhow!("{}", status_text(&status))
