@@ -18,8 +18,12 @@ use crate::saga::SagaStatus;
 
 /// Logs to stderr in `format`, filtered by `RUST_LOG` (default `info`). A JSON line carries the
 /// event's fields at the top level and, under `spans`, the fields of every span it happened in
-/// (a saga's `saga_id` and `correlation_id` among them).
-pub fn init_logging(format: LogFormat) {
+/// (a saga's `saga_id` and `correlation_id` among them). With `traces`, spans are exported too.
+pub fn init_logging(
+    format: LogFormat,
+    traces: Option<&opentelemetry_sdk::trace::SdkTracerProvider>,
+) {
+    use opentelemetry::trace::TracerProvider as _;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let lines = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
@@ -28,8 +32,11 @@ pub fn init_logging(format: LogFormat) {
             .boxed(),
         LogFormat::Json => json_layer(std::io::stderr).boxed(),
     };
+    let exported =
+        traces.map(|provider| tracing_opentelemetry::layer().with_tracer(provider.tracer("sagad")));
     tracing_subscriber::registry()
         .with(lines)
+        .with(exported)
         .with(filter)
         .init();
 }

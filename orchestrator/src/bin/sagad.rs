@@ -30,7 +30,6 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    sagad::telemetry::init_logging(config.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -41,7 +40,26 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config)) {
+    // The exporter's gRPC channel lives on the runtime.
+    let traces = {
+        let _runtime = runtime.enter();
+        match sagad::trace::otlp_provider("sagad") {
+            Ok(traces) => traces,
+            Err(error) => {
+                eprintln!("sagad: {}", one_line(&error));
+                return ExitCode::from(2);
+            }
+        }
+    };
+    sagad::telemetry::init_logging(config.log_format, traces.as_ref());
+    let outcome = runtime.block_on(run(config));
+    // The last spans leave before the process does.
+    if let Some(traces) = traces
+        && let Err(error) = traces.shutdown()
+    {
+        eprintln!("sagad: exporting the last spans: {error}");
+    }
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("sagad: {}", one_line(&format!("{error:#}")));
