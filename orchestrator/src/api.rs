@@ -19,7 +19,7 @@ use crate::document::{self, shorten};
 use crate::engine::{Engine, EngineError, StartRequest};
 use crate::saga::{CannotRetry, SagaStatus, StepStatus};
 use crate::store::{EventRecord, ListCursor, ListFilter, SagaRecord, StoreError};
-use crate::trace;
+use sagad_telemetry::trace;
 
 /// The largest page a listing returns.
 pub const MAX_PAGE_SIZE: u32 = 1000;
@@ -87,12 +87,7 @@ impl SagaOrchestrator for Api {
     ) -> Result<Response<pb::StartSagaResponse>, Status> {
         // The saga's trace continues the caller's, when it sent one (an invalid one is
         // ignored, as W3C says); else it is a trace of its own.
-        let caller_trace = request
-            .metadata()
-            .get(trace::TRACEPARENT)
-            .and_then(|value| value.to_str().ok())
-            .filter(|value| trace::is_valid(value))
-            .map(str::to_owned);
+        let caller_trace = trace::from_metadata(request.metadata());
         let span = tracing::info_span!("StartSaga", otel.kind = "server");
         if let Some(caller) = &caller_trace {
             trace::continue_trace(&span, caller);

@@ -75,14 +75,7 @@ pub struct Config {
     pub stuck_after: Duration,
 }
 
-/// How log lines are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line, with the fields of the spans it happened in.
-    Json,
-}
+pub use sagad_telemetry::LogFormat;
 
 /// The HTTP address when neither `--http-listen` nor its environment variables say otherwise.
 pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:9464";

@@ -16,4 +16,3 @@ pub mod http;
 pub mod saga;
 pub mod store;
 pub mod telemetry;
-pub mod trace;

@@ -1,60 +1,15 @@
-//! What sagad tells its operators: log lines (text or JSON) and the Prometheus metrics, each
-//! metric described from the first scrape and its known series present at zero until it moves.
+//! What sagad tells its operators in numbers: the Prometheus metrics, each described from the
+//! first scrape and its known series present at zero until it moves. (Log lines and traces are
+//! set up by the `sagad-telemetry` crate, which the participants share.)
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
-use std::io::IsTerminal as _;
 use std::time::Duration;
 
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
-use tracing_subscriber::EnvFilter;
-use tracing_subscriber::Layer as _;
-use tracing_subscriber::layer::SubscriberExt as _;
-use tracing_subscriber::util::SubscriberInitExt as _;
 
-use crate::config::LogFormat;
 use crate::definition::DefinitionSet;
 use crate::saga::SagaStatus;
-
-/// Logs to stderr in `format`, filtered by `RUST_LOG` (default `info`). A JSON line carries the
-/// event's fields at the top level and, under `spans`, the fields of every span it happened in
-/// (a saga's `saga_id` and `correlation_id` among them). With `traces`, spans are exported too.
-pub fn init_logging(
-    format: LogFormat,
-    traces: Option<&opentelemetry_sdk::trace::SdkTracerProvider>,
-) {
-    use opentelemetry::trace::TracerProvider as _;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let lines = match format {
-        LogFormat::Text => tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
-            .with_ansi(std::io::stderr().is_terminal())
-            .boxed(),
-        LogFormat::Json => json_layer(std::io::stderr).boxed(),
-    };
-    let exported =
-        traces.map(|provider| tracing_opentelemetry::layer().with_tracer(provider.tracer("sagad")));
-    tracing_subscriber::registry()
-        .with(lines)
-        .with(exported)
-        .with(filter)
-        .init();
-}
-
-/// One JSON object per line: the event's fields flattened into it, and `spans` listing each
-/// span the event happened in, outermost first, with its fields.
-fn json_layer<S, W>(writer: W) -> impl tracing_subscriber::Layer<S> + Send + Sync
-where
-    S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
-    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
-{
-    tracing_subscriber::fmt::layer()
-        .with_writer(writer)
-        .json()
-        .flatten_event(true)
-        .with_current_span(false)
-        .with_span_list(true)
-}
 
 /// A metric's Prometheus type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -83,6 +83,7 @@ pub struct ParticipantProcess {
     pub addr: SocketAddr,
     database_url: String,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     log_dir: PathBuf,
     starts: u32,
     child: Option<Child>,
@@ -95,6 +96,7 @@ impl ParticipantProcess {
         service: Service,
         database_url: &str,
         args: &[String],
+        env: &[(String, String)],
         log_dir: &Path,
     ) -> anyhow::Result<Self> {
         let mut process = Self {
@@ -102,6 +104,7 @@ impl ParticipantProcess {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             database_url: database_url.to_owned(),
             args: args.to_vec(),
+            env: env.to_vec(),
             log_dir: log_dir.to_path_buf(),
             starts: 0,
             child: None,
@@ -145,6 +148,7 @@ impl ParticipantProcess {
             .args(&self.args)
             .env_remove("DATABASE_URL")
             .env_remove("LISTEN")
+            .envs(self.env.iter().map(|(name, value)| (name, value)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
@@ -234,6 +238,9 @@ pub struct DemoOptions {
     /// A Postgres server URL (no database name) for sagad's database instead of the shared
     /// server, e.g. a private cluster the test stops and starts.
     pub sagad_server: Option<String>,
+    /// Environment variables of every process (the participants' and sagad's), e.g. where to
+    /// export traces.
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for DemoOptions {
@@ -243,9 +250,14 @@ impl Default for DemoOptions {
             sagad_args: Vec::new(),
             replicas: 1,
             sagad_server: None,
+            env: Vec::new(),
         }
     }
 }
+
+/// One whole system at a time per test binary: each takes a few dozen database connections
+/// (sagad's pools, three participants' pools), and the shared server allows a hundred.
+static ONE_SYSTEM_AT_A_TIME: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ReplicaState {
@@ -274,12 +286,19 @@ pub struct DemoSystem {
     /// Dropped at the end: the participants' databases, and sagad's when on the shared server.
     databases: Vec<(Option<Service>, DatabaseGuard)>,
     logs: Scratch,
+    /// The environment every process gets.
+    env: Vec<(String, String)>,
+    _slot: tokio::sync::SemaphorePermit<'static>,
 }
 
 impl DemoSystem {
     /// Starts the participants and then the sagad replicas, one after the other, with the
     /// definitions in `defs`.
     pub async fn start(label: &str, defs: &Path, options: DemoOptions) -> anyhow::Result<Self> {
+        let slot = ONE_SYSTEM_AT_A_TIME
+            .acquire()
+            .await
+            .context("the systems' semaphore is closed")?;
         let logs = Scratch::logs(label)?;
         let mut databases = Vec::new();
         let sagad_url = match &options.sagad_server {
@@ -299,6 +318,7 @@ impl DemoSystem {
                     service,
                     &database.url(),
                     &options.participant_args,
+                    &options.env,
                     &logs,
                 )
                 .await?,
@@ -340,9 +360,11 @@ impl DemoSystem {
             sagad_url,
             databases,
             logs,
+            env: options.env.clone(),
+            _slot: slot,
         };
         for _ in 0..options.replicas.max(1) {
-            let process = SagadProcess::start(&system.sagad_args, &system.logs).await?;
+            let process = system.start_replica().await?;
             system.replicas.push(Replica {
                 process,
                 state: ReplicaState::Live,
@@ -350,6 +372,18 @@ impl DemoSystem {
         }
         system.publish_servers();
         Ok(system)
+    }
+
+    /// A new sagad process with the system's flags and environment, on free ports.
+    async fn start_replica(&self) -> anyhow::Result<SagadProcess> {
+        let mut args = self.sagad_args.clone();
+        args.extend(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"].map(str::to_owned));
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.as_str()))
+            .collect();
+        SagadProcess::start_with(&args, &env, &self.logs).await
     }
 
     /// Replica `index`, whatever its state.
@@ -422,7 +456,7 @@ impl DemoSystem {
         if self.replica(index)?.pid().is_some() {
             self.kill_replica(index).await?;
         }
-        let process = SagadProcess::start(&self.sagad_args, &self.logs).await?;
+        let process = self.start_replica().await?;
         *self.replica_mut(index)? = Replica {
             process,
             state: ReplicaState::Live,

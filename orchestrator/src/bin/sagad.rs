@@ -41,22 +41,19 @@ fn main() -> ExitCode {
         }
     };
     // The exporter's gRPC channel lives on the runtime.
-    let traces = {
+    let telemetry = {
         let _runtime = runtime.enter();
-        match sagad::trace::otlp_provider("sagad") {
-            Ok(traces) => traces,
+        match sagad_telemetry::Telemetry::init(config.log_format, "sagad") {
+            Ok(telemetry) => telemetry,
             Err(error) => {
                 eprintln!("sagad: {}", one_line(&error));
                 return ExitCode::from(2);
             }
         }
     };
-    sagad::telemetry::init_logging(config.log_format, traces.as_ref());
     let outcome = runtime.block_on(run(config));
     // The last spans leave before the process does.
-    if let Some(traces) = traces
-        && let Err(error) = traces.shutdown()
-    {
+    if let Err(error) = telemetry.shutdown() {
         eprintln!("sagad: exporting the last spans: {error}");
     }
     match outcome {

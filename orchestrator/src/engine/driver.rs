@@ -15,9 +15,10 @@ use uuid::Uuid;
 use super::lease::Tenure;
 use super::participants::{Call, TIMED_OUT};
 use super::{Engine, projection};
+use crate::document;
 use crate::saga::{Command, CommandKind, Decision, Event, Outcome, Saga};
 use crate::store::{Fence, SagaWrite, StoreError, WriteOutcome};
-use crate::{document, trace};
+use sagad_telemetry::trace;
 
 /// How long a driver waits before trying again when the database fails it.
 const STORE_RETRY_DELAY: Duration = Duration::from_secs(1);

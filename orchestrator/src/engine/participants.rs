@@ -127,7 +127,10 @@ impl Participants {
             header_value(&call.command.correlation_id),
         );
         if let Some(traceparent) = &call.traceparent {
-            metadata.insert(crate::trace::TRACEPARENT, header_value(traceparent));
+            metadata.insert(
+                sagad_telemetry::trace::TRACEPARENT,
+                header_value(traceparent),
+            );
         }
         let mut client = participant.client.clone();
         let started = tokio::time::Instant::now();

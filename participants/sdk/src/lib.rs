@@ -68,7 +68,6 @@ mod service;
 pub mod testing;
 
 use std::future::Future;
-use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -82,10 +81,6 @@ use sqlx::{PgPool, Postgres};
 use tokio::net::TcpListener;
 use tonic::service::Routes;
 use tonic::transport::server::TcpIncoming;
-use tracing_subscriber::EnvFilter;
-use tracing_subscriber::Layer as _;
-use tracing_subscriber::layer::SubscriberExt as _;
-use tracing_subscriber::util::SubscriberInitExt as _;
 
 pub use handler::{StepCommandView, StepError, StepHandler};
 pub use ledger::{TABLE as LEDGER_TABLE, migrate as migrate_ledger};
@@ -112,47 +107,7 @@ pub struct CommonArgs {
     pub log_format: LogFormat,
 }
 
-/// How log lines are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line, with the fields of the spans it happened in.
-    Json,
-}
-
-/// Logs to stderr in `format`, filtered by `RUST_LOG` (default `info`). A JSON line carries the
-/// event's fields at the top level and, under `spans`, the fields of every span it happened in:
-/// a call's `saga_id` and `correlation_id` among them.
-pub fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let lines = match format {
-        LogFormat::Text => tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
-            .with_ansi(std::io::stderr().is_terminal())
-            .boxed(),
-        LogFormat::Json => json_layer(std::io::stderr).boxed(),
-    };
-    tracing_subscriber::registry()
-        .with(lines)
-        .with(filter)
-        .init();
-}
-
-/// One JSON object per line: the event's fields flattened into it, and `spans` listing each
-/// span the event happened in, outermost first, with its fields.
-fn json_layer<S, W>(writer: W) -> impl tracing_subscriber::Layer<S> + Send + Sync
-where
-    S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
-    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
-{
-    tracing_subscriber::fmt::layer()
-        .with_writer(writer)
-        .json()
-        .flatten_event(true)
-        .with_current_span(false)
-        .with_span_list(true)
-}
+pub use sagad_telemetry::LogFormat;
 
 impl CommonArgs {
     pub fn faults(&self) -> Faults {
@@ -277,7 +232,6 @@ where
             return ExitCode::from(2);
         }
     };
-    init_logging(cli.common.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -286,6 +240,17 @@ where
         Err(error) => {
             eprintln!("{name}: cannot start the runtime: {error}");
             return ExitCode::FAILURE;
+        }
+    };
+    // Log lines, and spans exported by OTLP when asked; the exporter lives on the runtime.
+    let telemetry = {
+        let _runtime = runtime.enter();
+        match sagad_telemetry::Telemetry::init(cli.common.log_format, name) {
+            Ok(telemetry) => telemetry,
+            Err(error) => {
+                eprintln!("{name}: {error}");
+                return ExitCode::from(2);
+            }
         }
     };
     let result = runtime.block_on(async move {
@@ -311,6 +276,9 @@ where
         let parts = build(cli.extra, pool.clone()).await?;
         serve(pool, parts, faults, listener, shutdown_signal()).await
     });
+    if let Err(error) = telemetry.shutdown() {
+        eprintln!("{name}: exporting the last spans: {error}");
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -423,6 +391,7 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     use sagad_proto::participant::v1::StepCommand;
+    use tracing_subscriber::layer::SubscriberExt as _;
 
     use super::*;
 
@@ -445,8 +414,8 @@ mod tests {
         let written = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&written);
         let subscriber = tracing_subscriber::registry()
-            .with(json_layer(move || Sink(Arc::clone(&sink))))
-            .with(EnvFilter::new("info"));
+            .with(sagad_telemetry::json_layer(move || Sink(Arc::clone(&sink))))
+            .with(tracing_subscriber::EnvFilter::new("info"));
         let mut request = tonic::Request::new(StepCommand {
             step: "charge_payment".into(),
             attempt: 2,

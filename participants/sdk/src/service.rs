@@ -257,8 +257,10 @@ pub(crate) fn call_span(rpc: &'static str, request: &Request<StepCommand>) -> tr
             .to_owned()
     };
     let command = request.get_ref();
-    tracing::info_span!(
+    let span = tracing::info_span!(
         "step",
+        otel.name = %format!("{rpc} {}", command.step),
+        otel.kind = "server",
         rpc,
         saga_id = %metadata("x-saga-id"),
         correlation_id = %metadata("x-correlation-id"),
@@ -266,7 +268,12 @@ pub(crate) fn call_span(rpc: &'static str, request: &Request<StepCommand>) -> tr
         action = %command.action,
         idempotency_key = %command.idempotency_key,
         attempt = command.attempt,
-    )
+    );
+    // The saga's trace goes on here: the call's span is a child of sagad's attempt span.
+    if let Some(parent) = sagad_telemetry::trace::from_metadata(request.metadata()) {
+        sagad_telemetry::trace::continue_trace(&span, &parent);
+    }
+    span
 }
 
 /// The execute key of the step a compensation undoes: `<saga>/<step>/execute`.

@@ -14,6 +14,16 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 /// The metadata key (and header) of the W3C trace context.
 pub const TRACEPARENT: &str = "traceparent";
 
+/// The valid `traceparent` a request's metadata carries, if any (an invalid one is ignored, as
+/// W3C says).
+pub fn from_metadata(metadata: &tonic::metadata::MetadataMap) -> Option<String> {
+    metadata
+        .get(TRACEPARENT)
+        .and_then(|value| value.to_str().ok())
+        .filter(|value| is_valid(value))
+        .map(str::to_owned)
+}
+
 /// The OTLP (gRPC) exporter of this process's spans, when `OTEL_EXPORTER_OTLP_ENDPOINT` (or
 /// its traces-only sibling) is set; `None` otherwise. The service is named by
 /// `OTEL_SERVICE_NAME`, else `default_service`. Spans leave in batches (`OTEL_BSP_*`); shut
