@@ -43,12 +43,15 @@ impl Telemetry {
                 .with_ansi(std::io::stderr().is_terminal())
                 .boxed(),
             LogFormat::Json => json_layer(std::io::stderr).boxed(),
-        };
+        }
+        .with_filter(filter);
         // Only the spans that say their `otel.kind` make up the trace (a saga's attempts, the
         // participants' calls); the others (a whole saga's driver) only label the log lines.
+        // The statements a call ran (sqlx's debug events) go into its span.
         let exported = traces.as_ref().map(|provider| {
             tracing_opentelemetry::layer()
                 .with_tracer(provider.tracer("sagad"))
+                .with_filter(EnvFilter::new("info,sqlx::query=debug"))
                 .with_filter(tracing_subscriber::filter::filter_fn(|metadata| {
                     !metadata.is_span() || metadata.fields().field("otel.kind").is_some()
                 }))
@@ -56,7 +59,6 @@ impl Telemetry {
         tracing_subscriber::registry()
             .with(lines)
             .with(exported)
-            .with(filter)
             .init();
         Ok(Telemetry { traces })
     }

@@ -118,6 +118,25 @@ impl ParticipantProcess {
         format!("http://{}", self.addr)
     }
 
+    /// SIGSTOP, returning once the kernel shows it stopped: it answers nothing, while its
+    /// sockets stay open (calls to it time out).
+    pub async fn pause(&self) -> anyhow::Result<()> {
+        let pid = self.pid().context("the participant has exited")?;
+        crate::signals::send(pid, "STOP").await?;
+        crate::signals::wait_state(pid, |state| state == 'T').await
+    }
+
+    /// SIGCONT after [`pause`](Self::pause).
+    pub async fn resume(&self) -> anyhow::Result<()> {
+        let pid = self.pid().context("the participant has exited")?;
+        crate::signals::send(pid, "CONT").await?;
+        crate::signals::wait_state(pid, |state| state != 'T').await
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
     /// SIGKILL: its transactions in flight are rolled back by Postgres, nothing else happens.
     pub async fn kill(&mut self) -> anyhow::Result<()> {
         if let Some(mut child) = self.child.take() {
@@ -537,15 +556,20 @@ impl DemoSystem {
         }
     }
 
-    /// Every idempotency key the participant recorded, read from its database.
-    pub async fn ledger(&self, service: Service) -> anyhow::Result<Vec<LedgerEntry>> {
+    /// A connection to a participant's own database, as its operator would open one.
+    pub async fn participant_db(&self, service: Service) -> anyhow::Result<PgConnection> {
         let url = self
             .databases
             .iter()
             .find(|(owner, _)| *owner == Some(service))
             .map(|(_, database)| database.url())
             .context("no database for that participant")?;
-        let mut conn = PgConnection::connect(&url).await?;
+        Ok(PgConnection::connect(&url).await?)
+    }
+
+    /// Every idempotency key the participant recorded, read from its database.
+    pub async fn ledger(&self, service: Service) -> anyhow::Result<Vec<LedgerEntry>> {
+        let mut conn = self.participant_db(service).await?;
         let rows: Vec<(String, String)> = sqlx::query_as(
             "select idempotency_key, kind from sagad_processed_commands order by recorded_at",
         )

@@ -28,6 +28,8 @@ pub struct ReceivedSpan {
     pub parent_span_id: String,
     /// The span's string and integer attributes, as text.
     pub attributes: Vec<(String, String)>,
+    /// What happened in the span (log lines, statements): each event's attributes.
+    pub events: Vec<Vec<(String, String)>>,
 }
 
 impl ReceivedSpan {
@@ -92,6 +94,11 @@ impl TraceService for Collector {
                         span_id: hex(&span.span_id),
                         parent_span_id: hex(&span.parent_span_id),
                         attributes: text(&span.attributes),
+                        events: span
+                            .events
+                            .iter()
+                            .map(|event| text(&event.attributes))
+                            .collect(),
                     });
                 }
             }

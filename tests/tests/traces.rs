@@ -120,6 +120,21 @@ fn one_trace(spans: &[ReceivedSpan], sagad_steps: &[&str]) -> anyhow::Result<Str
         );
     }
     children_of_attempts(spans, sagad_steps).map_err(anyhow::Error::msg)?;
+    // A participant's statements are events of its call's span.
+    ensure!(
+        spans
+            .iter()
+            .filter(|span| span.service == "payment-service")
+            .any(|span| span.events.iter().any(|event| event
+                .iter()
+                .any(|(key, value)| key == "db.statement" && value.contains("accounts")))),
+        "no statement of payment-service in its spans: {:#?}",
+        spans
+            .iter()
+            .filter(|span| span.service == "payment-service")
+            .map(|span| &span.events)
+            .collect::<Vec<_>>()
+    );
     Ok(traces.into_iter().next().unwrap_or_default().to_owned())
 }
 

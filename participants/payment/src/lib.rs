@@ -1,6 +1,8 @@
 //! The payment participant: `ChargePayment` debits the customer's account (created at first
 //! sight with the default balance) and answers `{payment_id}`, or refuses `INSUFFICIENT_FUNDS`;
-//! its compensation `RefundPayment` credits it back. And the `sagad.demo.v1.Payments` read
+//! its compensation `RefundPayment` credits it back, or refuses `ACCOUNT_FROZEN` while the
+//! account is frozen (accounts of customers whose id begins with `frozen-` are opened frozen;
+//! `update accounts set frozen = false` unfreezes one). And the `sagad.demo.v1.Payments` read
 //! service. Money is integer cents (`i64`).
 //!
 //! Queries are runtime-checked (`sqlx::query`), on purpose: the checked macros would need this
@@ -17,6 +19,9 @@ use tonic::{Request, Response, Status};
 pub fn migrator() -> sqlx::migrate::Migrator {
     sqlx::migrate!("../../migrations/payment")
 }
+
+/// Customers whose id begins so have their account opened frozen: it takes no refund.
+pub const FROZEN_PREFIX: &str = "frozen-";
 
 /// Applies the payment actions.
 #[derive(Debug, Clone, Copy)]
@@ -42,11 +47,13 @@ impl PaymentHandler {
             return Err(StepError::bad_input("input.amount_cents is negative"));
         }
         sqlx::query(
-            "insert into accounts (customer_id, balance_cents) values ($1, $2)
+            "insert into accounts (customer_id, balance_cents, frozen)
+             values ($1, $2, starts_with($1, $3))
              on conflict (customer_id) do nothing",
         )
         .bind(customer_id)
         .bind(self.default_balance_cents)
+        .bind(FROZEN_PREFIX)
         .execute(&mut *conn)
         .await?;
         let balance: i64 =
@@ -135,6 +142,19 @@ async fn refund(command: &StepCommandView, conn: &mut PgConnection) -> Result<Va
     if let Some(row) = refunded {
         let customer_id: String = row.try_get("customer_id")?;
         let amount_cents: i64 = row.try_get("amount_cents")?;
+        let frozen: bool = sqlx::query("select frozen from accounts where customer_id = $1")
+            .bind(&customer_id)
+            .fetch_one(&mut *conn)
+            .await?
+            .try_get("frozen")?;
+        if frozen {
+            // Refused: the SDK rolls this transaction back, so the payment stays CHARGED and
+            // the same key runs again once the account is unfrozen and the saga retried.
+            return Err(StepError::refused(
+                "ACCOUNT_FROZEN",
+                format!("the account of {customer_id} is frozen: no refund can be made"),
+            ));
+        }
         sqlx::query(
             "update accounts set balance_cents = balance_cents + $2, updated_at = now()
              where customer_id = $1",

@@ -97,3 +97,64 @@ async fn charge_refuse_and_refund() {
     assert_eq!(balance(&reader, "c1").await, 0);
     pool.close().await;
 }
+
+/// A frozen account takes no refund (ACCOUNT_FROZEN, nothing changes); once unfrozen, the same
+/// refund, under the same key, goes through.
+#[tokio::test]
+async fn a_frozen_account_refuses_its_refund_until_it_is_unfrozen() {
+    let db = TestDatabase::new("payment_frozen");
+    let pool = sagad_participant::connect(
+        &db.url(),
+        &payment_service::migrator(),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let service =
+        ParticipantService::new(pool.clone(), PaymentHandler::new(10_000), Faults::default());
+    let reader = PaymentReader::new(pool.clone(), 10_000);
+    let customer = "frozen-erin";
+    let charge = command(
+        "s1",
+        "charge_payment",
+        "ChargePayment",
+        false,
+        &context(customer, 2_000.0),
+    );
+    let charged = service
+        .execute(Request::new(charge))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(outcome(&charged).is_ok(), "a frozen account is charged");
+    assert_eq!(balance(&reader, customer).await, 8_000);
+
+    let refund = command(
+        "s1",
+        "charge_payment",
+        "RefundPayment",
+        true,
+        &context(customer, 2_000.0),
+    );
+    let refused = service
+        .compensate(Request::new(refund.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcome(&refused), Err("ACCOUNT_FROZEN".to_owned()));
+    assert_eq!(balance(&reader, customer).await, 8_000, "nothing refunded");
+
+    sqlx::query("update accounts set frozen = false where customer_id = $1")
+        .bind(customer)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let refunded = service
+        .compensate(Request::new(refund))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(outcome(&refunded).is_ok(), "{refunded:?}");
+    assert_eq!(balance(&reader, customer).await, 10_000);
+    pool.close().await;
+}
