@@ -15,9 +15,12 @@ use serde_json::{Map, Number, Value};
 /// integer, so the number a client meant is not the number it sent.
 pub const MAX_EXACT_NUMBER: f64 = 9_007_199_254_740_992.0;
 
-/// How deeply objects and lists may nest. Postgres and the JSON reader of the store accept
-/// more; this leaves room for the envelopes a document is stored in.
-pub const MAX_DEPTH: usize = 64;
+/// How deeply objects and lists may nest. Each level of an object is three levels of protobuf
+/// messages (`Struct`, its map entry, `Value`), a document travels inside envelopes (the saga
+/// context in a `StepCommand`, a `Saga` in a `ListSagasResponse`), and gRPC peers refuse to
+/// decode more than 100 levels (prost's limit, and others'): 20 keeps every message sagad sends
+/// within reach of every peer.
+pub const MAX_DEPTH: usize = 20;
 
 /// A part of a document that sagad cannot keep: `field` is its path (`input.items[0].sku`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -740,3 +740,49 @@ async fn a_page_of_large_sagas_stays_readable() -> anyhow::Result<()> {
     ensure!(listed == started, "listed {listed:?}, started {started:?}");
     env.finish().await
 }
+
+/// An input nested as deep as allowed (20 levels of objects, the deepest for the protobuf
+/// message levels it costs) still travels everywhere: to the participants inside the saga
+/// context, back in GetSaga and in ListSagas pages; one level deeper is refused at the start,
+/// where otherwise a participant could not decode the calls and the saga would retry for ever.
+#[tokio::test]
+async fn the_deepest_input_allowed_travels_everywhere_and_a_deeper_one_is_refused()
+-> anyhow::Result<()> {
+    let mut env = Env::start("bad_deep").await?;
+    // `objects` objects, each inside the one before.
+    let nest = |objects: usize| {
+        let mut value = json!("bottom");
+        for _ in 0..objects {
+            value = json!({ "deeper": value });
+        }
+        value
+    };
+    // The input object itself is the first level.
+    let mut deepest = order("deep");
+    deepest["meta"] = nest(19);
+    let saga_id = start_saga(&mut env.client, ORDER, deepest).await?;
+    let saga = wait_terminal(&mut env.client, &saga_id, DEADLINE).await?;
+    ensure!(
+        saga.status == SagaStatus::Completed as i32,
+        "{:?}: {}",
+        saga.status,
+        saga.failure_reason
+    );
+    get_saga(&mut env.client, &saga_id).await?;
+    let listed = list_newest(&mut env.client).await?;
+    ensure!(listed.iter().any(|saga| saga.saga_id == saga_id));
+
+    let mut deeper = order("deeper");
+    deeper["meta"] = nest(20);
+    let recorded = env.recorded().await?;
+    let result = env.start_saga(start_request(wire::fields(&deeper))).await;
+    let problems: Vec<String> = not_refused("an input 21 levels deep", result, &["input.meta"])
+        .into_iter()
+        .collect();
+    ensure!(
+        env.recorded().await? == recorded,
+        "a refused start recorded a saga"
+    );
+    verdict(problems)?;
+    env.finish().await
+}

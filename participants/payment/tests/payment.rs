@@ -158,3 +158,37 @@ async fn a_frozen_account_refuses_its_refund_until_it_is_unfrozen() {
     assert_eq!(balance(&reader, customer).await, 10_000);
     pool.close().await;
 }
+
+/// A customer id too long for the accounts' index: the database refuses the data, so the
+/// charge is refused (a retry would send the same), not failed for a retry.
+#[tokio::test]
+async fn data_the_database_refuses_is_a_refusal_not_a_retry() {
+    let db = TestDatabase::new("payment_long_id");
+    let pool = sagad_participant::connect(
+        &db.url(),
+        &payment_service::migrator(),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let service =
+        ParticipantService::new(pool.clone(), PaymentHandler::new(10_000), Faults::default());
+    // Random, so that compression cannot bring it under the index's limit.
+    let long: String = (0..600)
+        .map(|_| uuid::Uuid::new_v4().simple().to_string())
+        .collect();
+    let charge = command(
+        "s1",
+        "charge_payment",
+        "ChargePayment",
+        false,
+        &context(&long, 100.0),
+    );
+    let refused = service
+        .execute(Request::new(charge))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcome(&refused), Err("INVALID_INPUT".to_owned()));
+    pool.close().await;
+}

@@ -92,8 +92,21 @@ impl StepError {
 }
 
 impl From<sqlx::Error> for StepError {
+    /// The database refusing the command's data (SQLSTATE class 22, a data exception, or 54, a
+    /// limit exceeded: a key too long to index, say) is a refusal, since a retry sends the same
+    /// data; anything else may pass on a retry.
     fn from(error: sqlx::Error) -> Self {
-        StepError::internal(format!("database: {error}"))
+        let refused_data = match &error {
+            sqlx::Error::Database(database) => database
+                .code()
+                .is_some_and(|code| code.starts_with("22") || code.starts_with("54")),
+            _ => false,
+        };
+        if refused_data {
+            StepError::bad_input(format!("the database refused the command's data: {error}"))
+        } else {
+            StepError::internal(format!("database: {error}"))
+        }
     }
 }
 
