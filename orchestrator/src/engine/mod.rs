@@ -379,36 +379,10 @@ impl Engine {
             if events.is_empty() {
                 break;
             }
-            let mut next = saga.clone();
-            for event in &events {
-                next.apply(event).map_err(|error| EngineError::CorruptLog {
-                    saga_id,
-                    message: error.to_string(),
-                })?;
-            }
             // Any replica may record a cancel; the owner is told to read the log again.
-            let write = SagaWrite {
-                saga_id,
-                expected_version: saga.version,
-                replica_id: self.inner.lease.tenure().replica_id,
-                fence: Fence::Request,
-                events,
-                projection: projection(&next),
-            };
-            // In a task of its own, like a start: a cancel recorded is a cancel heard.
-            let engine = self.clone();
             let written = self
-                .inner
-                .tasks
-                .spawn(async move {
-                    let outcome = engine.inner.writer.write(write).await;
-                    if matches!(outcome, Ok(WriteOutcome::Written)) {
-                        engine.ring(saga_id);
-                    }
-                    outcome
-                })
-                .await
-                .map_err(|_| EngineError::ShuttingDown)??;
+                .record_request(&saga, events, move |engine| engine.ring(saga_id))
+                .await?;
             match written {
                 WriteOutcome::Written => break,
                 // The driver recorded an outcome first: read again and decide again.
@@ -439,35 +413,9 @@ impl Engine {
     ) -> Result<SagaRecord, EngineError> {
         let saga = self.load(saga_id).await?;
         let events = saga.retry(reason, requested_by, skip, Utc::now())?;
-        let mut next = saga.clone();
-        for event in &events {
-            next.apply(event).map_err(|error| EngineError::CorruptLog {
-                saga_id,
-                message: error.to_string(),
-            })?;
-        }
-        let write = SagaWrite {
-            saga_id,
-            expected_version: saga.version,
-            replica_id: self.inner.lease.tenure().replica_id,
-            fence: Fence::Request,
-            events,
-            projection: projection(&next),
-        };
-        // In a task of its own, like a start: a retry recorded is a retry carried out.
-        let engine = self.clone();
         let written = self
-            .inner
-            .tasks
-            .spawn(async move {
-                let outcome = engine.inner.writer.write(write).await;
-                if matches!(outcome, Ok(WriteOutcome::Written)) {
-                    engine.inner.sweep_now.notify_one();
-                }
-                outcome
-            })
-            .await
-            .map_err(|_| EngineError::ShuttingDown)??;
+            .record_request(&saga, events, |engine| engine.inner.sweep_now.notify_one())
+            .await?;
         if written != WriteOutcome::Written {
             // Someone else retried it first, or it moved: the caller may look and ask again.
             return Err(EngineError::Contended(saga_id));
@@ -478,6 +426,45 @@ impl Engine {
             .get_saga(saga_id)
             .await?
             .ok_or(EngineError::NotFound(saga_id))
+    }
+
+    /// Appends the events of a request (a cancel, a retry) to `saga`, as it stands, then runs
+    /// `then` if they were written. In a task of its own, like a start, which the request only
+    /// waits for: a request recorded is a request carried out, whatever becomes of the caller.
+    async fn record_request(
+        &self,
+        saga: &Saga,
+        events: Vec<Event>,
+        then: impl FnOnce(&Engine) + Send + 'static,
+    ) -> Result<WriteOutcome, EngineError> {
+        let mut next = saga.clone();
+        for event in &events {
+            next.apply(event).map_err(|error| EngineError::CorruptLog {
+                saga_id: saga.id,
+                message: error.to_string(),
+            })?;
+        }
+        let write = SagaWrite {
+            saga_id: saga.id,
+            expected_version: saga.version,
+            replica_id: self.inner.lease.tenure().replica_id,
+            fence: Fence::Request,
+            events,
+            projection: projection(&next),
+        };
+        let engine = self.clone();
+        self.inner
+            .tasks
+            .spawn(async move {
+                let outcome = engine.inner.writer.write(write).await;
+                if matches!(outcome, Ok(WriteOutcome::Written)) {
+                    then(&engine);
+                }
+                outcome
+            })
+            .await
+            .map_err(|_| EngineError::ShuttingDown)?
+            .map_err(EngineError::from)
     }
 
     /// Stops taking work, at once: no new saga is started, no new call is made, and every
