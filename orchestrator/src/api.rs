@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use crate::document::{self, shorten};
 use crate::engine::{Engine, EngineError, StartRequest};
-use crate::saga::{CannotRetry, SagaStatus, StepStatus};
+use crate::saga::{CannotRetry, SagaStatus, StepStatus, context_of};
 use crate::store::{EventRecord, ListCursor, ListFilter, SagaRecord, StoreError};
 use sagad_telemetry::trace;
 
@@ -427,7 +427,14 @@ fn saga_message(record: &SagaRecord, history: Vec<EventRecord>, stuck: bool) -> 
         definition_version: projection.definition_version,
         status: saga_status_to_wire(projection.status).into(),
         input: document::to_struct(&projection.input),
-        context: document::to_struct(&projection.context),
+        context: document::to_struct(&context_of(
+            &projection.input,
+            projection.steps.iter().filter_map(|step| {
+                step.output
+                    .as_ref()
+                    .map(|output| (step.name.as_str(), output))
+            }),
+        )),
         failure_reason: projection.failure_reason.clone().unwrap_or_default(),
         steps,
         version: projection.version,

@@ -46,7 +46,6 @@ fn start(definition: &SagaDefinition, replica_id: Uuid, input: Value) -> anyhow:
             definition_version: definition.version,
             status: saga.status(),
             input,
-            context: saga.context(),
             steps: saga.step_views(),
             failure_reason: None,
             version: saga.version,

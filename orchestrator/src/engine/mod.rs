@@ -167,6 +167,13 @@ impl Engine {
                 background: TaskTracker::new(),
             }),
         };
+        let unknown = engine.inner.store.release_unknown_owners().await?;
+        if unknown > 0 {
+            tracing::info!(
+                released = unknown,
+                "let go of sagas whose owner is no replica"
+            );
+        }
         let resumed = engine.take_over_orphans().await?;
         takeover::spawn_background(&engine);
         Ok((engine, resumed))
@@ -529,6 +536,13 @@ impl Engine {
             return Ok(0);
         }
         let horizon = self.inner.lease.timing().poll_interval;
+        let released = self.inner.store.reap_dead_replicas().await?;
+        if released > 0 {
+            tracing::info!(
+                released,
+                "let go of the sagas of replicas whose lease expired"
+            );
+        }
         let claimed = self
             .inner
             .store
@@ -683,7 +697,6 @@ fn projection(saga: &Saga) -> Projection {
         definition_version: saga.definition.version,
         status: saga.status(),
         input: saga.input.clone(),
-        context: saga.context(),
         steps: saga.step_views(),
         failure_reason: saga.failure_reason.clone(),
         version: saga.version,

@@ -674,18 +674,18 @@ impl Saga {
 
     /// The document a participant receives: `{"input": …, "steps": {<step>: <output>}}`.
     pub fn context(&self) -> Value {
-        let steps: Map<String, Value> = self
-            .definition
-            .steps
-            .iter()
-            .zip(&self.steps)
-            .filter_map(|(definition, step)| {
-                step.output
-                    .as_ref()
-                    .map(|output| (definition.name.clone(), output.clone()))
-            })
-            .collect();
-        serde_json::json!({ "input": self.input, "steps": steps })
+        context_of(
+            &self.input,
+            self.definition
+                .steps
+                .iter()
+                .zip(&self.steps)
+                .filter_map(|(definition, step)| {
+                    step.output
+                        .as_ref()
+                        .map(|output| (definition.name.as_str(), output))
+                }),
+        )
     }
 
     /// The steps as the read model shows them.
@@ -811,6 +811,19 @@ impl Saga {
         }
         events
     }
+}
+
+/// A saga's context from its input and the outputs of its steps that have one: the read model
+/// keeps those, and builds the context when it is read.
+pub fn context_of<'a>(
+    input: &Value,
+    outputs: impl IntoIterator<Item = (&'a str, &'a Value)>,
+) -> Value {
+    let steps: Map<String, Value> = outputs
+        .into_iter()
+        .map(|(name, output)| (name.to_owned(), output.clone()))
+        .collect();
+    serde_json::json!({ "input": input, "steps": steps })
 }
 
 /// The time of the next attempt after `failed_attempt`, or `None` when the policy allows no more.

@@ -10,6 +10,7 @@
 mod format;
 mod writer;
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -139,7 +140,8 @@ pub struct Projection {
     pub definition_version: u32,
     pub status: SagaStatus,
     pub input: Value,
-    pub context: Value,
+    /// Each step's output is here; the context a participant receives is built from the input
+    /// and them when it is needed, not stored.
     pub steps: Vec<StepView>,
     pub failure_reason: Option<String>,
     pub version: u64,
@@ -385,7 +387,7 @@ impl Store {
             .copied()
             .filter(|w| w.expected_version == 0)
             .collect();
-        let mut written: Vec<Uuid> = Vec::with_capacity(writes.len());
+        let mut written: HashSet<Uuid> = HashSet::with_capacity(writes.len());
         if !starts.is_empty() {
             let columns = ProjectionColumns::of(&starts);
             let ids: Vec<Uuid> = starts.iter().map(|w| w.saga_id).collect();
@@ -409,12 +411,12 @@ impl Store {
             let owners: Vec<Uuid> = starts.iter().map(|w| w.replica_id).collect();
             let inserted = sqlx::query_scalar!(
                 r#"
-                insert into sagas (saga_id, saga_type, definition_version, status, input, context, steps,
+                insert into sagas (saga_id, saga_type, definition_version, status, input, steps,
                                    failure_reason, version, correlation_id, idempotency_key, wake_at, owner,
                                    failing_since)
                 select * from unnest($1::uuid[], $2::text[], $3::int4[], $4::text[], $5::jsonb[], $6::jsonb[],
-                                     $7::jsonb[], $8::text[], $9::int8[], $10::text[], $11::text[], $12::timestamptz[],
-                                     $13::uuid[], $14::timestamptz[])
+                                     $7::text[], $8::int8[], $9::text[], $10::text[], $11::timestamptz[],
+                                     $12::uuid[], $13::timestamptz[])
                 on conflict do nothing
                 returning saga_id
                 "#,
@@ -423,7 +425,6 @@ impl Store {
                 &definition_versions,
                 &columns.statuses,
                 &inputs,
-                &columns.contexts,
                 &columns.steps,
                 &columns.failure_reasons as &[Option<String>],
                 &columns.versions,
@@ -445,7 +446,7 @@ impl Store {
             .collect();
         // One lock order for every batch, so concurrent batches cannot deadlock.
         updates.sort_by_key(|w| w.saga_id);
-        let mut fenced: Vec<Uuid> = Vec::new();
+        let mut fenced: HashSet<Uuid> = HashSet::new();
         if !updates.is_empty() {
             let columns = ProjectionColumns::of(&updates);
             let ids: Vec<Uuid> = updates.iter().map(|w| w.saga_id).collect();
@@ -455,12 +456,16 @@ impl Store {
             let updated = sqlx::query_scalar!(
                 r#"
                 update sagas as s
-                set status = u.status, context = u.context, steps = u.steps,
-                    failure_reason = u.failure_reason, version = u.version, wake_at = u.wake_at,
+                set status = u.status, context = null, steps = u.steps,
+                    failure_reason = u.failure_reason, version = u.version,
+                    -- A saga due before and due still keeps its time, so that going from step
+                    -- to step changes no indexed column: a HOT update.
+                    wake_at = case when u.wake_at <= now() and s.wake_at <= now() then s.wake_at
+                                   else u.wake_at end,
                     failing_since = u.failing_since, updated_at = now()
-                from unnest($1::uuid[], $2::int8[], $3::text[], $4::jsonb[], $5::jsonb[], $6::text[],
-                            $7::int8[], $8::timestamptz[], $9::uuid[], $10::bool[], $11::timestamptz[])
-                    as u(saga_id, expected_version, status, context, steps, failure_reason, version, wake_at,
+                from unnest($1::uuid[], $2::int8[], $3::text[], $4::jsonb[], $5::text[],
+                            $6::int8[], $7::timestamptz[], $8::uuid[], $9::bool[], $10::timestamptz[])
+                    as u(saga_id, expected_version, status, steps, failure_reason, version, wake_at,
                          writer_id, owner_only, failing_since)
                 where s.saga_id = u.saga_id and s.version = u.expected_version
                   and (not u.owner_only
@@ -473,7 +478,6 @@ impl Store {
                 &ids,
                 &expected,
                 &columns.statuses,
-                &columns.contexts,
                 &columns.steps,
                 &columns.failure_reasons as &[Option<String>],
                 &columns.versions,
@@ -493,7 +497,8 @@ impl Store {
                 .map(|w| (w.saga_id, w.replica_id))
                 .unzip();
             if !refused.is_empty() {
-                fenced = sqlx::query_scalar!(
+                fenced.extend(
+                    sqlx::query_scalar!(
                     r#"
                     select u.saga_id as "saga_id!" from unnest($1::uuid[], $2::uuid[]) as u(saga_id, writer_id)
                     join sagas s on s.saga_id = u.saga_id
@@ -506,7 +511,8 @@ impl Store {
                     &refused_writers,
                 )
                 .fetch_all(&mut *tx)
-                .await?;
+                .await?,
+                );
             }
         }
 
@@ -659,7 +665,7 @@ impl Store {
             CALL_TIMEOUT,
             sqlx::query_as!(
                 SagaRow,
-                r#"select saga_id, saga_type, definition_version, status, input, context, steps,
+                r#"select saga_id, saga_type, definition_version, status, input, steps,
                           failure_reason, version, correlation_id, idempotency_key, created_at,
                           updated_at, wake_at, failing_since
                    from sagas where saga_id = $1"#,
@@ -682,7 +688,7 @@ impl Store {
             CALL_TIMEOUT,
             sqlx::query_as!(
                 SagaRow,
-                r#"select saga_id, saga_type, definition_version, status, input, context, steps,
+                r#"select saga_id, saga_type, definition_version, status, input, steps,
                           failure_reason, version, correlation_id, idempotency_key, created_at,
                           updated_at, wake_at, failing_since
                    from sagas where saga_type = $1 and idempotency_key = $2"#,
@@ -707,7 +713,7 @@ impl Store {
             CALL_TIMEOUT,
             sqlx::query_as!(
                 SagaRow,
-                r#"select saga_id, saga_type, definition_version, status, input, context, steps,
+                r#"select saga_id, saga_type, definition_version, status, input, steps,
                           failure_reason, version, correlation_id, idempotency_key, created_at,
                           updated_at, wake_at, failing_since
                    from sagas
@@ -767,21 +773,14 @@ impl Store {
     pub async fn register_replica(&self, ttl: Duration) -> Result<Uuid> {
         let replica_id = Uuid::now_v7();
         bounded_all("registering a replica", CALL_TIMEOUT, async {
-            let mut tx = self.lease_pool.begin().await?;
-            sqlx::query!(
-                r#"delete from replicas where lease_expires_at < now() - interval '1 day'"#
-            )
-            .execute(&mut *tx)
-            .await?;
             sqlx::query!(
                 r#"insert into replicas (replica_id, lease_expires_at)
                    values ($1, clock_timestamp() + make_interval(secs => $2))"#,
                 replica_id,
                 ttl.as_secs_f64(),
             )
-            .execute(&mut *tx)
+            .execute(&self.lease_pool)
             .await?;
-            tx.commit().await?;
             Ok(())
         })
         .await?;
@@ -836,9 +835,47 @@ impl Store {
         .await
     }
 
-    /// Claims up to `limit` unfinished sagas that nobody alive drives and that are due within
-    /// `horizon`, soonest first, for `replica_id` (only while its own lease is alive). Rows
-    /// another replica is claiming right now are skipped, not waited for.
+    /// Lets go of the sagas of every replica whose lease has expired, and forgets those
+    /// replicas: an expired id never comes back, and once its sagas have no owner, claiming
+    /// them looks only at sagas nobody owns. Returns how many sagas it let go.
+    pub async fn reap_dead_replicas(&self) -> Result<u64> {
+        let released = bounded(
+            "reaping dead replicas",
+            CALL_TIMEOUT,
+            sqlx::query!(
+                r#"with dead as (delete from replicas where lease_expires_at <= clock_timestamp()
+                                 returning replica_id)
+                   update sagas set owner = null
+                   where wake_at is not null and owner in (select replica_id from dead)"#
+            )
+            .execute(&self.pool),
+        )
+        .await?;
+        Ok(released.rows_affected())
+    }
+
+    /// Lets go of the unfinished sagas whose owner is no replica at all (left by a release
+    /// that forgot replicas without letting go of their sagas, or restored from elsewhere).
+    /// It looks at every unfinished saga: done once, when a replica starts.
+    pub async fn release_unknown_owners(&self) -> Result<u64> {
+        let released = bounded(
+            "letting go of sagas of unknown owners",
+            CALL_TIMEOUT,
+            sqlx::query!(
+                r#"update sagas set owner = null
+                   where wake_at is not null and owner is not null
+                     and not exists (select 1 from replicas r where r.replica_id = sagas.owner)"#
+            )
+            .execute(&self.pool),
+        )
+        .await?;
+        Ok(released.rows_affected())
+    }
+
+    /// Claims up to `limit` unfinished sagas that nobody owns (see
+    /// [`Store::reap_dead_replicas`]) and that are due within `horizon`, soonest first, for
+    /// `replica_id` (only while its own lease is alive). Rows another replica is claiming right
+    /// now are skipped, not waited for.
     pub async fn claim_orphans(
         &self,
         replica_id: Uuid,
@@ -853,12 +890,8 @@ impl Store {
                 update sagas set owner = $1
                 where saga_id in (
                     select c.saga_id from sagas c
-                    where c.wake_at is not null
+                    where c.owner is null and c.wake_at is not null
                       and c.wake_at <= now() + make_interval(secs => $3)
-                      and (c.owner is null
-                           or not exists (select 1 from replicas r
-                                          where r.replica_id = c.owner
-                                            and r.lease_expires_at > clock_timestamp()))
                     order by c.wake_at
                     limit $2
                     for update skip locked)
@@ -972,7 +1005,6 @@ fn to_i64(value: u64) -> i64 {
 /// The projection columns of a batch, as arrays for `unnest`.
 struct ProjectionColumns {
     statuses: Vec<String>,
-    contexts: Vec<Value>,
     steps: Vec<Value>,
     failure_reasons: Vec<Option<String>>,
     versions: Vec<i64>,
@@ -988,7 +1020,6 @@ impl ProjectionColumns {
                 .clone()
                 .map(|p| p.status.as_str().to_owned())
                 .collect(),
-            contexts: projections.clone().map(|p| p.context.clone()).collect(),
             steps: projections
                 .clone()
                 .map(|p| serde_json::to_value(&p.steps).unwrap_or(Value::Null))
@@ -1010,7 +1041,6 @@ struct SagaRow {
     definition_version: i32,
     status: String,
     input: Value,
-    context: Value,
     steps: Value,
     failure_reason: Option<String>,
     version: i64,
@@ -1040,7 +1070,6 @@ impl SagaRow {
                 definition_version: u32::try_from(self.definition_version).unwrap_or_default(),
                 status,
                 input: self.input,
-                context: self.context,
                 steps,
                 failure_reason: self.failure_reason,
                 version: u64::try_from(self.version).unwrap_or_default(),
