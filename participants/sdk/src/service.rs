@@ -18,7 +18,7 @@ use pbjson_types::Struct;
 use sagad_proto::participant::v1::participant_server::Participant;
 use sagad_proto::participant::v1::{StepCommand, StepFailure, StepReply, StepSuccess, step_reply};
 use serde_json::Value;
-use sqlx::{Connection, PgPool};
+use sqlx::PgPool;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
@@ -94,21 +94,27 @@ impl<H: StepHandler> ParticipantService<H> {
             return Ok(recorded.reply);
         }
 
-        // A savepoint, so a refusal drops the handler's writes but keeps the key.
-        let mut effect = tx.begin().await.map_err(database_status)?;
-        let result = self.handler.execute(&command, &mut effect).await;
-        let reply = match result {
-            Ok(output) => {
-                let output = checked_output(output)?;
-                effect.commit().await.map_err(database_status)?;
-                Reply::Success(output)
-            }
+        let reply = match self.handler.execute(&command, &mut tx).await {
+            Ok(output) => Reply::Success(checked_output(output)?),
             Err(StepError::Refused { code, reason }) => {
-                effect.rollback().await.map_err(database_status)?;
+                // The refusal is recorded without the handler's writes: they are rolled back,
+                // and the key recorded in a transaction of its own (refusals are rare, so the
+                // common path pays for no savepoint).
+                tx.rollback().await.map_err(database_status)?;
+                tx = self.pool.begin().await.map_err(database_status)?;
+                ledger::lock_step(&mut tx, &key)
+                    .await
+                    .map_err(database_status)?;
+                if let Some(recorded) =
+                    ledger::find(&mut tx, &key).await.map_err(database_status)?
+                {
+                    tx.rollback().await.map_err(database_status)?;
+                    return Ok(recorded.reply);
+                }
                 Reply::Failure { code, reason }
             }
             Err(StepError::Internal(message)) => {
-                // Dropping both rolls back the effect and leaves the key unrecorded.
+                // Dropping the transaction rolls back the effect and leaves the key unrecorded.
                 tracing::warn!(%message, "execute failed; rolled back");
                 return Err(Status::internal(message));
             }
