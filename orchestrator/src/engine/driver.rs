@@ -169,7 +169,7 @@ fn prepare_call(saga: &Saga, command: Command) -> Call {
             action,
             idempotency_key: saga.idempotency_key(command),
             attempt: command.attempt,
-            input: serde_json::from_value(saga.context()).ok(),
+            input: document::to_struct(&saga.context()),
             correlation_id: saga.correlation_id.clone(),
         },
     }
