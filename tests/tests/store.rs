@@ -1,6 +1,7 @@
-//! The store's group commit against a real Postgres: a write whose data the database refuses
+//! The store against a real Postgres. Group commit: a write whose data the database refuses
 //! (here a NUL character, which the API would have refused at the edge) fails alone; the
-//! writes committed in the same batch go through. On a current-thread runtime every write
+//! writes committed in the same batch go through. Takeover: no saga is left owned by a dead
+//! replica. On a current-thread runtime every write
 //! below is queued before the writer task first runs, so they all land in one batch.
 
 use std::time::Duration;
@@ -11,6 +12,7 @@ use sagad::saga::{Event, Saga};
 use sagad::store::{Fence, Projection, SagaWrite, Store, StoreError, WriteOutcome, Writer};
 use sagad_e2e::DatabaseGuard;
 use serde_json::{Value, json};
+use sqlx::Connection as _;
 use uuid::Uuid;
 
 const DEFINITION: &str = r#"
@@ -99,6 +101,58 @@ async fn a_poison_write_fails_alone_and_the_writes_beside_it_commit() -> anyhow:
     ensure!(
         store.get_saga(poison_id).await?.is_none(),
         "the poison saga was recorded"
+    );
+
+    drop(writer);
+    writer_task.await.context("the writer task")?;
+    store.close().await;
+    db.drop_now().await
+}
+
+/// A saga recorded under a replica id that is no longer alive is taken over: whether its start
+/// committed after the lease had expired and the sweep had let go of the replica's sagas (a
+/// request that waited out a database outage), or just before the expiry, with nobody looking.
+#[tokio::test(flavor = "current_thread")]
+async fn a_saga_started_under_an_expired_lease_is_taken_over() -> anyhow::Result<()> {
+    let mut db = DatabaseGuard::new("expired_start");
+    let store = Store::connect(&db.url(), Duration::from_secs(30)).await?;
+    let (writer, writer_task) = Writer::spawn(store.clone());
+    let definition = SagaDefinition::from_toml_str(DEFINITION, "poison.toml")?;
+    let expired = store.register_replica(Duration::from_secs(60)).await?;
+    let survivor = store.register_replica(Duration::from_secs(60)).await?;
+
+    // Started just before the lease expires: the sweep that follows lets it go.
+    let mut before = start(&definition, expired, json!({"customer_id": "before"}))?;
+    before.projection.wake_at = Some(chrono::Utc::now());
+    let before_id = before.saga_id;
+    ensure!(matches!(writer.write(before).await?, WriteOutcome::Written));
+    let mut conn = sqlx::PgConnection::connect(&db.url()).await?;
+    sqlx::query("update replicas set lease_expires_at = clock_timestamp() where replica_id = $1")
+        .bind(expired)
+        .execute(&mut conn)
+        .await?;
+    let released = store.reap_dead_replicas().await?;
+    ensure!(
+        released == 1,
+        "the sweep let go of {released} sagas, want 1"
+    );
+
+    // Started after the sweep: recorded with nobody owning it.
+    let mut after = start(&definition, expired, json!({"customer_id": "after"}))?;
+    after.projection.wake_at = Some(chrono::Utc::now());
+    let after_id = after.saga_id;
+    ensure!(matches!(writer.write(after).await?, WriteOutcome::Written));
+    store.reap_dead_replicas().await?;
+
+    let mut claimed = store
+        .claim_orphans(survivor, 64, Duration::from_secs(60))
+        .await?;
+    claimed.sort();
+    let mut want = vec![before_id, after_id];
+    want.sort();
+    ensure!(
+        claimed == want,
+        "the live replica took over {claimed:?}, want both sagas {want:?}"
     );
 
     drop(writer);

@@ -37,6 +37,10 @@ const BATCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// request answers UNAVAILABLE within seconds while the database is down.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// How long an expired replica id is remembered: far longer than any transaction of its time
+/// can last (see [`STATEMENT_TIMEOUT`]), so every saga it wrote is let go before it is forgotten.
+const FORGET_DEAD_REPLICAS_AFTER: Duration = Duration::from_secs(3600);
+
 /// Settings of every session: the server ends a statement or an idle transaction that runs
 /// too long, and probes a client that went silent (TCP keepalive on the server's side), so a
 /// vanished sagad never holds locks for long. sqlx sets no socket options on this side; the
@@ -414,9 +418,17 @@ impl Store {
                 insert into sagas (saga_id, saga_type, definition_version, status, input, steps,
                                    failure_reason, version, correlation_id, idempotency_key, wake_at, owner,
                                    failing_since)
-                select * from unnest($1::uuid[], $2::text[], $3::int4[], $4::text[], $5::jsonb[], $6::jsonb[],
-                                     $7::text[], $8::int8[], $9::text[], $10::text[], $11::timestamptz[],
-                                     $12::uuid[], $13::timestamptz[])
+                select n.saga_id, n.saga_type, n.definition_version, n.status, n.input, n.steps,
+                       n.failure_reason, n.version, n.correlation_id, n.idempotency_key, n.wake_at,
+                       (select r.replica_id from replicas r
+                        where r.replica_id = n.owner and r.lease_expires_at > clock_timestamp()),
+                       n.failing_since
+                from unnest($1::uuid[], $2::text[], $3::int4[], $4::text[], $5::jsonb[], $6::jsonb[],
+                            $7::text[], $8::int8[], $9::text[], $10::text[], $11::timestamptz[],
+                            $12::uuid[], $13::timestamptz[])
+                     as n(saga_id, saga_type, definition_version, status, input, steps,
+                          failure_reason, version, correlation_id, idempotency_key, wake_at,
+                          owner, failing_since)
                 on conflict do nothing
                 returning saga_id
                 "#,
@@ -835,18 +847,23 @@ impl Store {
         .await
     }
 
-    /// Lets go of the sagas of every replica whose lease has expired, and forgets those
-    /// replicas: an expired id never comes back, and once its sagas have no owner, claiming
-    /// them looks only at sagas nobody owns. Returns how many sagas it let go.
+    /// Lets go of the sagas of every replica whose lease has expired. It does so on every sweep,
+    /// not once: a write that found its replica alive may commit just after the lease expired,
+    /// and a new saga is seen by none of the statements that began before its commit. An
+    /// expired id never comes back; it is forgotten once no write of its time can still be in
+    /// flight. Returns how many sagas it let go.
     pub async fn reap_dead_replicas(&self) -> Result<u64> {
         let released = bounded(
             "reaping dead replicas",
             CALL_TIMEOUT,
             sqlx::query!(
-                r#"with dead as (delete from replicas where lease_expires_at <= clock_timestamp()
-                                 returning replica_id)
+                r#"with forgotten as (delete from replicas
+                                      where lease_expires_at < clock_timestamp() - make_interval(secs => $1))
                    update sagas set owner = null
-                   where wake_at is not null and owner in (select replica_id from dead)"#
+                   where wake_at is not null
+                     and owner in (select replica_id from replicas
+                                   where lease_expires_at <= clock_timestamp())"#,
+                FORGET_DEAD_REPLICAS_AFTER.as_secs_f64(),
             )
             .execute(&self.pool),
         )
