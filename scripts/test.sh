@@ -22,3 +22,6 @@ DATABASE_URL=postgres://postgres:postgres@127.0.0.1:5432/sagad_sqlx_check \
 # The end-to-end tests run the binaries, so build them first.
 cargo build --workspace --bins --locked
 cargo test --workspace --locked
+# The benchmark's harness at a small size, on the debug build: it must work; its figures are
+# printed, never judged.
+BENCH_PROFILE=debug bench/run.sh --small --json target/bench/ci.json

@@ -14,17 +14,28 @@ pub fn server_url() -> String {
 pub struct TestDatabase {
     pub name: String,
     pub url: String,
+    /// The server it is on, without a database name.
+    server: String,
 }
 
 impl TestDatabase {
-    /// A new, not yet created, database name.
+    /// A new, not yet created, database name on the tests' server.
     pub fn new(label: &str) -> Self {
+        Self::on(&server_url(), label)
+    }
+
+    /// A new, not yet created, database name on `server` (a URL without a database name).
+    pub fn on(server: &str, label: &str) -> Self {
         let name = format!(
             "sagad_test_{label}_{}",
             &uuid::Uuid::new_v4().simple().to_string()[..12]
         );
-        let url = format!("{}/{name}", server_url());
-        Self { name, url }
+        let url = format!("{server}/{name}");
+        Self {
+            name,
+            url,
+            server: server.to_owned(),
+        }
     }
 
     /// Reads the orchestrator's tables directly, for checks the API does not show.
@@ -34,7 +45,7 @@ impl TestDatabase {
 
     /// Drops the database, ending any session still on it.
     pub async fn drop_database(&self) -> anyhow::Result<()> {
-        let mut admin = PgConnection::connect(&format!("{}/postgres", server_url())).await?;
+        let mut admin = PgConnection::connect(&format!("{}/postgres", self.server)).await?;
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
             "drop database if exists \"{}\" with (force)",
             self.name
@@ -51,6 +62,11 @@ pub struct DatabaseGuard(Option<TestDatabase>);
 impl DatabaseGuard {
     pub fn new(label: &str) -> Self {
         Self(Some(TestDatabase::new(label)))
+    }
+
+    /// A database on `server` (a URL without a database name) instead of the tests' server.
+    pub fn on(server: &str, label: &str) -> Self {
+        Self(Some(TestDatabase::on(server, label)))
     }
 
     pub fn url(&self) -> String {

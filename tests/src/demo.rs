@@ -113,6 +113,11 @@ impl ParticipantProcess {
         Ok(process)
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
     /// Where sagad reaches it.
     pub fn uri(&self) -> String {
         format!("http://{}", self.addr)
@@ -131,10 +136,6 @@ impl ParticipantProcess {
         let pid = self.pid().context("the participant has exited")?;
         crate::signals::send(pid, "CONT").await?;
         crate::signals::wait_state(pid, |state| state != 'T').await
-    }
-
-    fn pid(&self) -> Option<u32> {
-        self.child.as_ref().and_then(Child::id)
     }
 
     /// SIGKILL: its transactions in flight are rolled back by Postgres, nothing else happens.
@@ -257,6 +258,9 @@ pub struct DemoOptions {
     /// A Postgres server URL (no database name) for sagad's database instead of the shared
     /// server, e.g. a private cluster the test stops and starts.
     pub sagad_server: Option<String>,
+    /// A Postgres server URL (no database name) for the participants' databases instead of the
+    /// shared server.
+    pub participant_server: Option<String>,
     /// Environment variables of every process (the participants' and sagad's), e.g. where to
     /// export traces.
     pub env: Vec<(String, String)>,
@@ -269,6 +273,7 @@ impl Default for DemoOptions {
             sagad_args: Vec::new(),
             replicas: 1,
             sagad_server: None,
+            participant_server: None,
             env: Vec::new(),
         }
     }
@@ -331,7 +336,11 @@ impl DemoSystem {
         };
         let mut participants = Vec::new();
         for service in Service::ALL {
-            let database = DatabaseGuard::new(&format!("{label}_{}", service.participant()));
+            let name = format!("{label}_{}", service.participant());
+            let database = match &options.participant_server {
+                Some(server) => DatabaseGuard::on(server, &name),
+                None => DatabaseGuard::new(&name),
+            };
             participants.push(
                 ParticipantProcess::start(
                     service,

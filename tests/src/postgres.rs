@@ -21,11 +21,24 @@ pub struct PrivateCluster {
     as_postgres: bool,
     /// Every process of the cluster is SIGSTOPped: drop resumes them before stopping it.
     frozen: AtomicBool,
+    /// Whether it syncs its writes to disk (`fsync`), as a production server does.
+    durable: bool,
 }
 
 impl PrivateCluster {
-    /// Creates the cluster with initdb and starts it on a free port.
+    /// Creates the cluster with initdb and starts it on a free port, with fsync off: a test
+    /// needs no durability against a crash of the machine.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::create(false).await
+    }
+
+    /// Creates the cluster and starts it as a production server runs: fsync and synchronous
+    /// commit on, what a benchmark must pay for.
+    pub async fn start_durable() -> anyhow::Result<Self> {
+        Self::create(true).await
+    }
+
+    async fn create(durable: bool) -> anyhow::Result<Self> {
         let bin = postgres_bin()?;
         let dir =
             std::env::temp_dir().join(format!("sagad-test-pg-{}", uuid::Uuid::new_v4().simple()));
@@ -37,6 +50,7 @@ impl PrivateCluster {
             port: crate::free_port()?,
             as_postgres,
             frozen: AtomicBool::new(false),
+            durable,
         };
         if as_postgres {
             let chown = tokio::process::Command::new("chown")
@@ -81,10 +95,11 @@ impl PrivateCluster {
     }
 
     /// Starts the cluster (again) on the same port and data folder, and waits until it accepts
-    /// connections. fsync is off: the test needs no durability against a crash of the machine.
+    /// connections.
     pub async fn start_again(&self) -> anyhow::Result<()> {
+        let fsync = if self.durable { "on" } else { "off" };
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync={fsync}",
             self.port,
             self.dir.display()
         );
@@ -148,8 +163,24 @@ impl PrivateCluster {
         Ok(())
     }
 
+    /// Runs one of the cluster's Postgres tools (e.g. `pgbench`, `psql`) to its end, returning
+    /// what it printed; failing if it did.
+    pub async fn tool(&self, program: &str, args: &[&str]) -> anyhow::Result<String> {
+        let output = tokio::process::Command::from(self.command(program, args))
+            .output()
+            .await
+            .with_context(|| format!("running {program}"))?;
+        check(program, &output)?;
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// The port it listens on at 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// The postmaster's process id: the first line of `postmaster.pid` in the data folder.
-    fn postmaster_pid(&self) -> anyhow::Result<u32> {
+    pub fn postmaster_pid(&self) -> anyhow::Result<u32> {
         let path = self.dir.join("data").join("postmaster.pid");
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("reading {} (is the cluster running?)", path.display()))?;
@@ -165,11 +196,7 @@ impl PrivateCluster {
 
     /// Runs one of the Postgres binaries to its end.
     async fn run(&self, program: &str, args: &[&str]) -> anyhow::Result<()> {
-        let output = tokio::process::Command::from(self.command(program, args))
-            .output()
-            .await
-            .with_context(|| format!("running {program}"))?;
-        check(program, &output)
+        self.tool(program, args).await.map(drop)
     }
 
     /// One of the Postgres binaries, as the `postgres` OS user when we are root.

@@ -85,3 +85,49 @@ pub async fn wait_state_or_gone(pid: u32, done: impl Fn(char) -> bool) -> anyhow
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// CPU time a process used, as `/proc/<pid>/stat` counts it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CpuTime {
+    /// Its own, user and system.
+    pub own: Duration,
+    /// Its children's that have ended and been waited for, user and system.
+    pub reaped_children: Duration,
+}
+
+/// The CPU time `pid` has used so far.
+pub fn cpu_time(pid: u32) -> anyhow::Result<CpuTime> {
+    let fields = stat_fields(pid)?;
+    // Fields 14 to 17 of proc(5) (utime, stime, cutime, cstime); the list starts at field 3.
+    let ticks = |field: usize| -> anyhow::Result<u64> {
+        fields
+            .get(field - 3)
+            .and_then(|value| value.parse().ok())
+            .with_context(|| format!("no field {field} in /proc/{pid}/stat"))
+    };
+    let per_second = rustix::param::clock_ticks_per_second().max(1);
+    let time = |ticks: u64| Duration::from_secs_f64(ticks as f64 / per_second as f64);
+    Ok(CpuTime {
+        own: time(ticks(14)? + ticks(15)?),
+        reaped_children: time(ticks(16)? + ticks(17)?),
+    })
+}
+
+/// The most resident memory `pid` has used (`VmHWM`), in bytes.
+pub fn peak_rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|value| {
+            value
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .map(|kib| kib * 1024)
+        .with_context(|| format!("no VmHWM in /proc/{pid}/status"))
+}
