@@ -47,6 +47,7 @@ pub const SAGAS_STUCK: &str = "sagad_sagas_stuck";
 pub const OLDEST_ACTIVE_AGE: &str = "sagad_oldest_active_saga_age_seconds";
 pub const SAGAS_DRIVEN: &str = "sagad_sagas_driven";
 pub const SAGAS_TAKEN_OVER: &str = "sagad_sagas_taken_over_total";
+pub const SAGAS_PARKED: &str = "sagad_sagas_parked_total";
 pub const LEASES_LOST: &str = "sagad_leases_lost_total";
 pub const WRITES_FENCED: &str = "sagad_writes_fenced_total";
 pub const STORE_BATCH_WRITES: &str = "sagad_store_batch_writes";
@@ -106,7 +107,14 @@ pub const METRICS: &[Metric] = &[
     Metric {
         name: SAGAS_TAKEN_OVER,
         kind: Kind::Counter,
-        help: "Sagas this replica took over from replicas whose lease had expired.",
+        help: "Sagas this replica claimed in its sweeps: those of replicas gone (lease expired \
+               or shut down) and parked ones come due.",
+    },
+    Metric {
+        name: SAGAS_PARKED,
+        kind: Kind::Counter,
+        help: "Sagas this replica let go while they wait for a time further than twice the \
+               poll interval; a sweep claims each again when it is due.",
     },
     Metric {
         name: LEASES_LOST,
@@ -166,7 +174,7 @@ fn describe() {
 /// by terminal status, each participant by call kind (and outcome), the unlabelled ones. A
 /// series that never moves still shows, so a rate or an alert has something to read.
 pub fn preset(definitions: &DefinitionSet) {
-    for metric in [SAGAS_TAKEN_OVER, LEASES_LOST, WRITES_FENCED] {
+    for metric in [SAGAS_TAKEN_OVER, SAGAS_PARKED, LEASES_LOST, WRITES_FENCED] {
         metrics::counter!(metric).increment(0);
     }
     for metric in [SAGAS_DRIVEN, SAGAS_STUCK, OLDEST_ACTIVE_AGE] {

@@ -55,7 +55,7 @@ compensation = "UndoA"
 "#;
 
 /// Every metric sagad promises, with its Prometheus type.
-const METRICS: [(&str, &str); 12] = [
+const METRICS: [(&str, &str); 13] = [
     ("sagad_sagas_started_total", "counter"),
     ("sagad_sagas_finished_total", "counter"),
     ("sagad_saga_duration_seconds", "histogram"),
@@ -66,6 +66,7 @@ const METRICS: [(&str, &str); 12] = [
     ("sagad_oldest_active_saga_age_seconds", "gauge"),
     ("sagad_sagas_driven", "gauge"),
     ("sagad_sagas_taken_over_total", "counter"),
+    ("sagad_sagas_parked_total", "counter"),
     ("sagad_leases_lost_total", "counter"),
     ("sagad_writes_fenced_total", "counter"),
 ];

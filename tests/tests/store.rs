@@ -1,7 +1,8 @@
 //! The store against a real Postgres. Group commit: a write whose data the database refuses
 //! (here a NUL character, which the API would have refused at the edge) fails alone; the
 //! writes committed in the same batch go through. Takeover: no saga is left owned by a dead
-//! replica. On a current-thread runtime every write
+//! replica. Parking: a saga is let go only by its owner, under a live lease, at the version its
+//! driver read, and only when it is not due soon. On a current-thread runtime every write
 //! below is queued before the writer task first runs, so they all land in one batch.
 
 use std::time::Duration;
@@ -9,7 +10,9 @@ use std::time::Duration;
 use anyhow::{Context, ensure};
 use sagad::definition::SagaDefinition;
 use sagad::saga::{Event, Saga};
-use sagad::store::{Fence, Projection, SagaWrite, Store, StoreError, WriteOutcome, Writer};
+use sagad::store::{
+    Fence, Parking, Projection, SagaWrite, Store, StoreError, WriteOutcome, Writer,
+};
 use sagad_e2e::DatabaseGuard;
 use serde_json::{Value, json};
 use sqlx::Connection as _;
@@ -153,6 +156,94 @@ async fn a_saga_started_under_an_expired_lease_is_taken_over() -> anyhow::Result
     ensure!(
         claimed == want,
         "the live replica took over {claimed:?}, want both sagas {want:?}"
+    );
+
+    drop(writer);
+    writer_task.await.context("the writer task")?;
+    store.close().await;
+    db.drop_now().await
+}
+
+/// `Store::park` lets a waiting saga go (no owner, its timer kept) only for its owner under a
+/// live lease, at the version the driver read, and when it is not due within the margin given;
+/// the sweep leaves it be until it is due.
+#[tokio::test(flavor = "current_thread")]
+async fn a_saga_is_parked_only_by_its_live_owner_at_its_version_and_not_due_soon()
+-> anyhow::Result<()> {
+    let mut db = DatabaseGuard::new("park");
+    let store = Store::connect(&db.url(), Duration::from_secs(30)).await?;
+    let (writer, writer_task) = Writer::spawn(store.clone());
+    let definition = SagaDefinition::from_toml_str(DEFINITION, "poison.toml")?;
+    let owner = store.register_replica(Duration::from_secs(60)).await?;
+    let other = store.register_replica(Duration::from_secs(60)).await?;
+    let margin = Duration::from_secs(2);
+    let in_an_hour = chrono::Utc::now() + chrono::Duration::hours(1);
+    let waiting = |customer: &str| -> anyhow::Result<SagaWrite> {
+        let mut write = start(&definition, owner, json!({ "customer_id": customer }))?;
+        write.projection.wake_at = Some(in_an_hour);
+        Ok(write)
+    };
+    let parked = waiting("parked")?;
+    let parked_id = parked.saga_id;
+    let version = parked.projection.version;
+    ensure!(matches!(writer.write(parked).await?, WriteOutcome::Written));
+    let orphaned = waiting("orphaned")?;
+    let orphaned_id = orphaned.saga_id;
+    ensure!(matches!(
+        writer.write(orphaned).await?,
+        WriteOutcome::Written
+    ));
+
+    let far = Duration::from_secs(7200);
+    let tries = [
+        ("another replica", version, other, margin, Parking::Fenced),
+        (
+            "another version",
+            version + 1,
+            owner,
+            margin,
+            Parking::Moved,
+        ),
+        (
+            "due within two hours",
+            version,
+            owner,
+            far,
+            Parking::DueSoon,
+        ),
+        ("its owner", version, owner, margin, Parking::Parked),
+    ];
+    for (what, version, replica, due_after, want) in tries {
+        let got = store.park(parked_id, version, replica, due_after).await?;
+        ensure!(got == want, "parking by {what}: {got:?}, want {want:?}");
+    }
+    let mut conn = sqlx::PgConnection::connect(&db.url()).await?;
+    let (owner_now, wake_at): (Option<Uuid>, Option<chrono::DateTime<chrono::Utc>>) =
+        sqlx::query_as("select owner, wake_at from sagas where saga_id = $1")
+            .bind(parked_id)
+            .fetch_one(&mut conn)
+            .await?;
+    ensure!(owner_now.is_none(), "a parked saga owned by {owner_now:?}");
+    ensure!(
+        wake_at.is_some_and(|at| (at - in_an_hour).num_milliseconds().abs() < 1),
+        "a parked saga's timer moved to {wake_at:?} from {in_an_hour}"
+    );
+    let claimed = store
+        .claim_orphans(other, 64, Duration::from_secs(1))
+        .await?;
+    ensure!(
+        claimed.is_empty(),
+        "the sweep claimed {claimed:?}, due in an hour"
+    );
+
+    sqlx::query("update replicas set lease_expires_at = clock_timestamp() where replica_id = $1")
+        .bind(owner)
+        .execute(&mut conn)
+        .await?;
+    let late = store.park(orphaned_id, version, owner, margin).await?;
+    ensure!(
+        late == Parking::Fenced,
+        "parking under an expired lease: {late:?}"
     );
 
     drop(writer);

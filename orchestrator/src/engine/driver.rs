@@ -1,7 +1,10 @@
 //! Drives one saga: ask the core, make the one call, append the outcome, repeat. Nothing that
 //! matters is held only here: the outcome of every call is in the log before the next decision,
 //! and a retry's time is in the log before the wait. A driver acts only under a live tenure:
-//! once its lease is lost or its write is fenced, it lets the saga go.
+//! once its lease is lost or its write is fenced, it lets the saga go. A wait longer than
+//! [`LeaseTiming::park_after`](super::LeaseTiming::park_after) is not spent here: the saga is
+//! parked (let go, its timer in the database) and a sweep claims it when it is due, so sagas
+//! waiting long cost no memory.
 
 use std::time::Duration;
 
@@ -17,7 +20,7 @@ use super::participants::{Call, TIMED_OUT};
 use super::{Engine, projection};
 use crate::document;
 use crate::saga::{Command, CommandKind, Decision, Event, Outcome, Saga};
-use crate::store::{Fence, SagaWrite, StoreError, WriteOutcome};
+use crate::store::{Fence, Parking, SagaWrite, StoreError, WriteOutcome};
 use sagad_telemetry::trace;
 
 /// How long a driver waits before trying again when the database fails it.
@@ -40,7 +43,38 @@ pub(super) async fn drive(engine: &Engine, mut saga: Saga, bell: &Notify, tenure
             Decision::Ended => return,
             Decision::Finish(event) => vec![event],
             Decision::WaitUntil(at) => {
-                let wait = (at - now).to_std().unwrap_or_default();
+                let mut wait = (at - now).to_std().unwrap_or_default();
+                let park_after = engine.inner.lease.timing().park_after();
+                if wait > park_after {
+                    let parking = engine
+                        .inner
+                        .store
+                        .park(saga.id, saga.version, tenure.replica_id, park_after)
+                        .await;
+                    match parking {
+                        Ok(Parking::Parked) => {
+                            metrics::counter!("sagad_sagas_parked_total").increment(1);
+                            tracing::debug!(wake_at = %at, "parked until due");
+                            return;
+                        }
+                        Ok(Parking::Moved) => {
+                            match load_retrying(engine, saga.id, lost).await {
+                                Some(fresh) => saga = fresh,
+                                None => return,
+                            }
+                            continue;
+                        }
+                        Ok(Parking::Fenced) => {
+                            tracing::info!(saga_id = %saga.id, "not this replica's saga any more; letting it go");
+                            return;
+                        }
+                        Ok(Parking::DueSoon) => {}
+                        Err(error) => {
+                            tracing::warn!(saga_id = %saga.id, %error, "cannot park the saga; will retry");
+                            wait = wait.min(STORE_RETRY_DELAY);
+                        }
+                    }
+                }
                 tokio::select! {
                     () = tokio::time::sleep(wait) => continue,
                     () = bell.notified() => {}

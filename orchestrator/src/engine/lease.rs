@@ -31,6 +31,14 @@ impl LeaseTiming {
         self.poll_interval / 4
     }
 
+    /// A driver whose saga has nothing to do for longer than this parks it (lets it go, to be
+    /// claimed again by a sweep once it is due within the poll interval). Twice the poll
+    /// interval, so a saga parked stays parked at least one whole interval instead of being
+    /// claimed back by the next sweep.
+    pub fn park_after(&self) -> Duration {
+        self.poll_interval * 2
+    }
+
     /// How long after a renewal began this side trusts the lease: less than the database,
     /// whose expiry counts from a later instant, so a driver never acts on a lease the
     /// database may already have ended.

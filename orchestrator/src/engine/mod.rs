@@ -2,7 +2,8 @@
 //! the core what to do, make the one participant call, append the outcome, repeat), takes over
 //! the sagas no live replica drives, and answers queries through the store. A saga accepted
 //! here is driven here at once, in memory, while this replica's lease lives; only retries wait
-//! on a timer, and that timer is in the database.
+//! on a timer, and that timer is in the database. A retry further off than two poll intervals
+//! is waited for there alone: the saga is parked (nobody owns it) until a sweep claims it.
 
 mod driver;
 mod lease;
@@ -386,9 +387,15 @@ impl Engine {
             if events.is_empty() {
                 break;
             }
-            // Any replica may record a cancel; the owner is told to read the log again.
+            // Any replica may record a cancel; the owner is told to read the log again. A
+            // saga nobody drives (parked until a retry an hour away) is due now: the sweep
+            // claims it at once rather than at its next round.
             let written = self
-                .record_request(&saga, events, move |engine| engine.ring(saga_id))
+                .record_request(&saga, events, move |engine| {
+                    if !engine.ring(saga_id) {
+                        engine.inner.sweep_now.notify_one();
+                    }
+                })
                 .await?;
             match written {
                 WriteOutcome::Written => break,
@@ -599,15 +606,20 @@ impl Engine {
     }
 
     /// Interrupts the saga's driver, if this replica drives it, so it reads the log again.
-    fn ring(&self, saga_id: Uuid) {
+    /// `false`: this replica has no driver for it.
+    fn ring(&self, saga_id: Uuid) -> bool {
         let bell = self
             .inner
             .drivers
             .lock()
             .ok()
             .and_then(|drivers| drivers.get(&saga_id).map(|driven| driven.bell.clone()));
-        if let Some(bell) = bell {
-            bell.notify_one();
+        match bell {
+            Some(bell) => {
+                bell.notify_one();
+                true
+            }
+            None => false,
         }
     }
 

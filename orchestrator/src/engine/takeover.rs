@@ -132,7 +132,9 @@ async fn follow_changes(engine: Engine) {
                     () = inner.shutdown.cancelled() => return,
                 };
                 match next {
-                    Ok(Change::Requested(saga_id)) => engine.ring(saga_id),
+                    Ok(Change::Requested(saga_id)) => {
+                        engine.ring(saga_id);
+                    }
                     Ok(Change::Appended(sagas)) => {
                         for (saga_id, version) in sagas {
                             inner

@@ -192,6 +192,19 @@ pub enum WriteOutcome {
     Fenced,
 }
 
+/// What became of a driver's request to park its saga (see [`Store::park`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parking {
+    /// Nobody owns the saga now: a sweep claims it once it is due.
+    Parked,
+    /// Its version moved (a request was recorded): the driver reads it again.
+    Moved,
+    /// The replica no longer owns the saga, or its lease expired: the driver lets it go.
+    Fenced,
+    /// By the database's clock the saga is due too soon to be parked: the driver keeps it.
+    DueSoon,
+}
+
 /// The channel on which a replica hears that a saga it may drive was changed by a request.
 const CHANGED_CHANNEL: &str = "sagad_saga_changed";
 /// The channel on which every replica hears what each commit appended (for watchers).
@@ -922,6 +935,59 @@ impl Store {
             )
             .fetch_all(&self.pool),
         )
+        .await
+    }
+
+    /// Lets go of a saga its driver need not hold while it waits: `owner` becomes null if
+    /// `replica_id` still owns it under a live lease (the fence of a driver's append), its
+    /// version is still `expected_version` (a request recorded meanwhile is acted on, not
+    /// lost), and it is not due within `due_after` by the database's clock, the one
+    /// [`Store::claim_orphans`] goes by (so a clock apart from it cannot make a saga be
+    /// parked and claimed back over and over). Its `wake_at` stays: the sweep's timer.
+    pub async fn park(
+        &self,
+        saga_id: Uuid,
+        expected_version: u64,
+        replica_id: Uuid,
+        due_after: Duration,
+    ) -> Result<Parking> {
+        bounded_all("parking a saga", CALL_TIMEOUT, async {
+            let parked = sqlx::query!(
+                r#"update sagas set owner = null
+                   where saga_id = $1 and version = $2 and owner = $3
+                     and wake_at > now() + make_interval(secs => $4)
+                     and exists (select 1 from replicas r
+                                 where r.replica_id = $3
+                                   and r.lease_expires_at > clock_timestamp())"#,
+                saga_id,
+                to_i64(expected_version),
+                replica_id,
+                due_after.as_secs_f64(),
+            )
+            .execute(&self.pool)
+            .await?;
+            if parked.rows_affected() == 1 {
+                return Ok(Parking::Parked);
+            }
+            // Why not, read afresh: ownership first, for a saga taken over moved too.
+            let row = sqlx::query!(
+                r#"select s.version,
+                          (s.owner is not distinct from $2
+                           and exists (select 1 from replicas r
+                                       where r.replica_id = $2
+                                         and r.lease_expires_at > clock_timestamp())) as "owned!"
+                   from sagas s where s.saga_id = $1"#,
+                saga_id,
+                replica_id,
+            )
+            .fetch_optional(&self.pool)
+            .await?;
+            Ok(match row {
+                Some(row) if row.owned && row.version != to_i64(expected_version) => Parking::Moved,
+                Some(row) if row.owned => Parking::DueSoon,
+                _ => Parking::Fenced,
+            })
+        })
         .await
     }
 
