@@ -394,45 +394,46 @@ impl Store {
             .collect())
     }
 
-    /// One transaction for `writes` (each with its events encoded), in their order.
+    /// One statement, so one round trip and one transaction, for `writes` (each with its events
+    /// encoded), answered in their order: the new sagas inserted and the others' read models
+    /// updated (each only at the version its writer read, and a driver's only while it owns the
+    /// saga under a live lease), the events of those that passed appended, and the replicas
+    /// told what was appended (and which sagas a request changed), in a few notifications.
     async fn commit_batch(&self, ready: &[(&SagaWrite, Vec<Value>)]) -> Result<Vec<WriteOutcome>> {
         let writes: Vec<&SagaWrite> = ready.iter().map(|(write, _)| *write).collect();
-        let mut tx = self.pool.begin().await?;
-
         let starts: Vec<&SagaWrite> = writes
             .iter()
             .copied()
             .filter(|w| w.expected_version == 0)
             .collect();
-        let mut written: HashSet<Uuid> = HashSet::with_capacity(writes.len());
-        if !starts.is_empty() {
-            let columns = ProjectionColumns::of(&starts);
-            let ids: Vec<Uuid> = starts.iter().map(|w| w.saga_id).collect();
-            let saga_types: Vec<String> = starts
-                .iter()
-                .map(|w| w.projection.saga_type.clone())
-                .collect();
-            let definition_versions: Vec<i32> = starts
-                .iter()
-                .map(|w| i32::try_from(w.projection.definition_version).unwrap_or(i32::MAX))
-                .collect();
-            let inputs: Vec<Value> = starts.iter().map(|w| w.projection.input.clone()).collect();
-            let correlation_ids: Vec<String> = starts
-                .iter()
-                .map(|w| w.projection.correlation_id.clone())
-                .collect();
-            let idempotency_keys: Vec<Option<String>> = starts
-                .iter()
-                .map(|w| w.projection.idempotency_key.clone())
-                .collect();
-            let owners: Vec<Uuid> = starts.iter().map(|w| w.replica_id).collect();
-            let inserted = sqlx::query_scalar!(
-                r#"
+        let mut updates: Vec<&SagaWrite> = writes
+            .iter()
+            .copied()
+            .filter(|w| w.expected_version > 0)
+            .collect();
+        // One lock order for every batch, so concurrent batches cannot deadlock.
+        updates.sort_by_key(|w| w.saga_id);
+
+        let new = ProjectionColumns::of(&starts);
+        let moved = ProjectionColumns::of(&updates);
+        let mut events = EventColumns::default();
+        for (write, encoded) in ready {
+            events.push(write, encoded);
+        }
+        let requested: Vec<Uuid> = writes
+            .iter()
+            .filter(|w| w.fence == Fence::Request)
+            .map(|w| w.saga_id)
+            .collect();
+        let written: HashSet<Uuid> = sqlx::query_scalar!(
+            r#"
+            with started as (
                 insert into sagas (saga_id, saga_type, definition_version, status, input, steps,
                                    failure_reason, version, correlation_id, idempotency_key, wake_at, owner,
                                    failing_since)
                 select n.saga_id, n.saga_type, n.definition_version, n.status, n.input, n.steps,
                        n.failure_reason, n.version, n.correlation_id, n.idempotency_key, n.wake_at,
+                       -- No owner unless its replica is alive: see reap_dead_replicas.
                        (select r.replica_id from replicas r
                         where r.replica_id = n.owner and r.lease_expires_at > clock_timestamp()),
                        n.failing_since
@@ -443,43 +444,9 @@ impl Store {
                           failure_reason, version, correlation_id, idempotency_key, wake_at,
                           owner, failing_since)
                 on conflict do nothing
-                returning saga_id
-                "#,
-                &ids,
-                &saga_types,
-                &definition_versions,
-                &columns.statuses,
-                &inputs,
-                &columns.steps,
-                &columns.failure_reasons as &[Option<String>],
-                &columns.versions,
-                &correlation_ids,
-                &idempotency_keys as &[Option<String>],
-                &columns.wake_ats as &[Option<DateTime<Utc>>],
-                &owners,
-                &columns.failing_sinces as &[Option<DateTime<Utc>>],
-            )
-            .fetch_all(&mut *tx)
-            .await?;
-            written.extend(inserted);
-        }
-
-        let mut updates: Vec<&SagaWrite> = writes
-            .iter()
-            .copied()
-            .filter(|w| w.expected_version > 0)
-            .collect();
-        // One lock order for every batch, so concurrent batches cannot deadlock.
-        updates.sort_by_key(|w| w.saga_id);
-        let mut fenced: HashSet<Uuid> = HashSet::new();
-        if !updates.is_empty() {
-            let columns = ProjectionColumns::of(&updates);
-            let ids: Vec<Uuid> = updates.iter().map(|w| w.saga_id).collect();
-            let expected: Vec<i64> = updates.iter().map(|w| to_i64(w.expected_version)).collect();
-            let writers: Vec<Uuid> = updates.iter().map(|w| w.replica_id).collect();
-            let owner_only: Vec<bool> = updates.iter().map(|w| w.fence == Fence::Owner).collect();
-            let updated = sqlx::query_scalar!(
-                r#"
+                returning saga_id, version
+            ),
+            moved as (
                 update sagas as s
                 set status = u.status, context = null, steps = u.steps,
                     failure_reason = u.failure_reason, version = u.version,
@@ -488,8 +455,8 @@ impl Store {
                     wake_at = case when u.wake_at <= now() and s.wake_at <= now() then s.wake_at
                                    else u.wake_at end,
                     failing_since = u.failing_since, updated_at = now()
-                from unnest($1::uuid[], $2::int8[], $3::text[], $4::jsonb[], $5::text[],
-                            $6::int8[], $7::timestamptz[], $8::uuid[], $9::bool[], $10::timestamptz[])
+                from unnest($14::uuid[], $15::int8[], $16::text[], $17::jsonb[], $18::text[],
+                            $19::int8[], $20::timestamptz[], $21::uuid[], $22::bool[], $23::timestamptz[])
                     as u(saga_id, expected_version, status, steps, failure_reason, version, wake_at,
                          writer_id, owner_only, failing_since)
                 where s.saga_id = u.saga_id and s.version = u.expected_version
@@ -498,121 +465,102 @@ impl Store {
                            and exists (select 1 from replicas r
                                        where r.replica_id = u.writer_id
                                          and r.lease_expires_at > clock_timestamp())))
-                returning s.saga_id
-                "#,
-                &ids,
-                &expected,
-                &columns.statuses,
-                &columns.steps,
-                &columns.failure_reasons as &[Option<String>],
-                &columns.versions,
-                &columns.wake_ats as &[Option<DateTime<Utc>>],
-                &writers,
-                &owner_only,
-                &columns.failing_sinces as &[Option<DateTime<Utc>>],
-            )
-            .fetch_all(&mut *tx)
-            .await?;
-            written.extend(updated);
-
-            // A driver's write that did not pass: a lost lease or owner, or only a moved version?
-            let (refused, refused_writers): (Vec<Uuid>, Vec<Uuid>) = updates
-                .iter()
-                .filter(|w| w.fence == Fence::Owner && !written.contains(&w.saga_id))
-                .map(|w| (w.saga_id, w.replica_id))
-                .unzip();
-            if !refused.is_empty() {
-                fenced.extend(
-                    sqlx::query_scalar!(
-                    r#"
-                    select u.saga_id as "saga_id!" from unnest($1::uuid[], $2::uuid[]) as u(saga_id, writer_id)
-                    join sagas s on s.saga_id = u.saga_id
-                    where s.owner is distinct from u.writer_id
-                       or not exists (select 1 from replicas r
-                                      where r.replica_id = u.writer_id
-                                        and r.lease_expires_at > clock_timestamp())
-                    "#,
-                    &refused,
-                    &refused_writers,
-                )
-                .fetch_all(&mut *tx)
-                .await?,
-                );
-            }
-        }
-
-        let mut event_ids = Vec::new();
-        let mut event_replicas = Vec::new();
-        let mut seqs = Vec::new();
-        let mut types = Vec::new();
-        let mut steps = Vec::new();
-        let mut datas = Vec::new();
-        for (write, encoded) in ready.iter().filter(|(w, _)| written.contains(&w.saga_id)) {
-            for (offset, (event, data)) in write.events.iter().zip(encoded).enumerate() {
-                event_ids.push(write.saga_id);
-                event_replicas.push(write.replica_id);
-                seqs.push(to_i64(write.expected_version) + 1 + to_i64(offset as u64));
-                types.push(event.type_name().to_owned());
-                steps.push(event.step().map(str::to_owned));
-                datas.push(data.clone());
-            }
-        }
-        if !event_ids.is_empty() {
-            sqlx::query!(
-                r#"
+                returning s.saga_id, s.version
+            ),
+            written as (
+                select saga_id, version from started
+                union all
+                select saga_id, version from moved
+            ),
+            logged as (
                 insert into saga_events (saga_id, seq, event_type, step, data, replica_id, format)
-                select e.*, $7 from unnest($1::uuid[], $2::int8[], $3::text[], $4::text[], $5::jsonb[],
-                                           $6::uuid[]) as e
-                "#,
-                &event_ids,
-                &seqs,
-                &types,
-                &steps as &[Option<String>],
-                &datas,
-                &event_replicas,
-                LOG_FORMAT,
+                select e.saga_id, e.seq, e.event_type, e.step, e.data, e.replica_id, $30
+                from unnest($24::uuid[], $25::int8[], $26::text[], $27::text[], $28::jsonb[], $29::uuid[])
+                    as e(saga_id, seq, event_type, step, data, replica_id)
+                where e.saga_id in (select saga_id from written)
+            ),
+            -- Delivered at commit, to every replica listening: the sagas a request changed, so
+            -- their drivers read them again, and what was appended, for the watchers.
+            rung as (
+                select pg_notify($31, r.saga_id::text)
+                from unnest($32::uuid[]) as r(saga_id)
+                where r.saga_id in (select saga_id from moved)
+            ),
+            announced as (
+                select pg_notify($33, string_agg(replace(w.saga_id::text, '-', '') || ':' || w.version, ','))
+                from (select saga_id, version, row_number() over () - 1 as n from written) as w
+                group by w.n / $34
             )
-            .execute(&mut *tx)
-            .await?;
-        }
+            select w.saga_id as "saga_id!"
+            from written w, (select count(*) from rung) as r, (select count(*) from announced) as a
+            "#,
+            &new.ids,
+            &new.saga_types,
+            &new.definition_versions,
+            &new.statuses,
+            &new.inputs,
+            &new.steps,
+            &new.failure_reasons as &[Option<String>],
+            &new.versions,
+            &new.correlation_ids,
+            &new.idempotency_keys as &[Option<String>],
+            &new.wake_ats as &[Option<DateTime<Utc>>],
+            &new.writers,
+            &new.failing_sinces as &[Option<DateTime<Utc>>],
+            &moved.ids,
+            &moved.expected,
+            &moved.statuses,
+            &moved.steps,
+            &moved.failure_reasons as &[Option<String>],
+            &moved.versions,
+            &moved.wake_ats as &[Option<DateTime<Utc>>],
+            &moved.writers,
+            &moved.owner_only,
+            &moved.failing_sinces as &[Option<DateTime<Utc>>],
+            &events.saga_ids,
+            &events.seqs,
+            &events.types,
+            &events.steps as &[Option<String>],
+            &events.datas,
+            &events.replicas,
+            LOG_FORMAT,
+            CHANGED_CHANNEL,
+            &requested,
+            APPENDED_CHANNEL,
+            APPENDED_PER_NOTIFICATION as i64,
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .collect();
 
-        let requested: Vec<Uuid> = writes
+        // A driver's write that did not pass: a lost lease or owner, or only a moved version?
+        // Asked after the fact, and only when it happens: either way nothing was written.
+        let (refused, refused_writers): (Vec<Uuid>, Vec<Uuid>) = updates
             .iter()
-            .filter(|w| w.fence == Fence::Request && written.contains(&w.saga_id))
-            .map(|w| w.saga_id)
-            .collect();
-        if !requested.is_empty() {
-            // Delivered at commit, to every replica listening.
+            .filter(|w| w.fence == Fence::Owner && !written.contains(&w.saga_id))
+            .map(|w| (w.saga_id, w.replica_id))
+            .unzip();
+        let fenced: HashSet<Uuid> = if refused.is_empty() {
+            HashSet::new()
+        } else {
             sqlx::query_scalar!(
-                r#"select count(*) as "notified!" from (
-                       select pg_notify($1, saga_id::text) from unnest($2::uuid[]) as saga_id) as n"#,
-                CHANGED_CHANNEL,
-                &requested,
+                r#"
+                select u.saga_id as "saga_id!" from unnest($1::uuid[], $2::uuid[]) as u(saga_id, writer_id)
+                join sagas s on s.saga_id = u.saga_id
+                where s.owner is distinct from u.writer_id
+                   or not exists (select 1 from replicas r
+                                  where r.replica_id = u.writer_id
+                                    and r.lease_expires_at > clock_timestamp())
+                "#,
+                &refused,
+                &refused_writers,
             )
-            .fetch_one(&mut *tx)
-            .await?;
-        }
-        // What this commit appended, for the watchers on every replica: a few notifications per
-        // batch, not one per saga.
-        let appended: Vec<String> = writes
-            .iter()
-            .filter(|w| written.contains(&w.saga_id))
-            .map(|w| format!("{}:{}", w.saga_id.simple(), w.projection.version))
-            .collect::<Vec<_>>()
-            .chunks(APPENDED_PER_NOTIFICATION)
-            .map(|chunk| chunk.join(","))
-            .collect();
-        if !appended.is_empty() {
-            sqlx::query_scalar!(
-                r#"select count(*) as "notified!" from (
-                       select pg_notify($1, payload) from unnest($2::text[]) as payload) as n"#,
-                APPENDED_CHANNEL,
-                &appended,
-            )
-            .fetch_one(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .collect()
+        };
 
         Ok(writes
             .iter()
@@ -1087,6 +1035,15 @@ fn to_i64(value: u64) -> i64 {
 
 /// The projection columns of a batch, as arrays for `unnest`.
 struct ProjectionColumns {
+    ids: Vec<Uuid>,
+    saga_types: Vec<String>,
+    definition_versions: Vec<i32>,
+    inputs: Vec<Value>,
+    correlation_ids: Vec<String>,
+    idempotency_keys: Vec<Option<String>>,
+    expected: Vec<i64>,
+    writers: Vec<Uuid>,
+    owner_only: Vec<bool>,
     statuses: Vec<String>,
     steps: Vec<Value>,
     failure_reasons: Vec<Option<String>>,
@@ -1099,6 +1056,24 @@ impl ProjectionColumns {
     fn of(writes: &[&SagaWrite]) -> Self {
         let projections = writes.iter().map(|w| &w.projection);
         Self {
+            ids: writes.iter().map(|w| w.saga_id).collect(),
+            saga_types: projections.clone().map(|p| p.saga_type.clone()).collect(),
+            definition_versions: projections
+                .clone()
+                .map(|p| i32::try_from(p.definition_version).unwrap_or(i32::MAX))
+                .collect(),
+            inputs: projections.clone().map(|p| p.input.clone()).collect(),
+            correlation_ids: projections
+                .clone()
+                .map(|p| p.correlation_id.clone())
+                .collect(),
+            idempotency_keys: projections
+                .clone()
+                .map(|p| p.idempotency_key.clone())
+                .collect(),
+            expected: writes.iter().map(|w| to_i64(w.expected_version)).collect(),
+            writers: writes.iter().map(|w| w.replica_id).collect(),
+            owner_only: writes.iter().map(|w| w.fence == Fence::Owner).collect(),
             statuses: projections
                 .clone()
                 .map(|p| p.status.as_str().to_owned())
@@ -1114,6 +1089,31 @@ impl ProjectionColumns {
             versions: projections.clone().map(|p| to_i64(p.version)).collect(),
             wake_ats: projections.clone().map(|p| p.wake_at).collect(),
             failing_sinces: projections.map(|p| p.failing_since).collect(),
+        }
+    }
+}
+
+/// The events of a batch, as arrays for `unnest`.
+#[derive(Default)]
+struct EventColumns {
+    saga_ids: Vec<Uuid>,
+    seqs: Vec<i64>,
+    types: Vec<String>,
+    steps: Vec<Option<String>>,
+    datas: Vec<Value>,
+    replicas: Vec<Uuid>,
+}
+
+impl EventColumns {
+    fn push(&mut self, write: &SagaWrite, encoded: &[Value]) {
+        for (offset, (event, data)) in write.events.iter().zip(encoded).enumerate() {
+            self.saga_ids.push(write.saga_id);
+            self.replicas.push(write.replica_id);
+            self.seqs
+                .push(to_i64(write.expected_version) + 1 + to_i64(offset as u64));
+            self.types.push(event.type_name().to_owned());
+            self.steps.push(event.step().map(str::to_owned));
+            self.datas.push(data.clone());
         }
     }
 }
