@@ -6,6 +6,7 @@
 //! parked (let go, its timer in the database) and a sweep claims it when it is due, so sagas
 //! waiting long cost no memory.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -31,10 +32,21 @@ const STORE_RETRY_DELAY: Duration = Duration::from_secs(1);
 /// With it, a saga with its history stays within the 4 MiB a gRPC client reads by default.
 pub(super) const MAX_CONTEXT_BYTES: usize = 1024 * 1024;
 
-pub(super) async fn drive(engine: &Engine, mut saga: Saga, bell: &Notify, tenure: &Tenure) {
+/// Drives `saga` until it ends, this replica lets it go, or sagad stops. `written` is kept at
+/// the newest version this driver knows of, raised before each of its writes is sent: a
+/// long-poll for a version beyond it has nothing to read yet (see `Engine::get_saga`).
+pub(super) async fn drive(
+    engine: &Engine,
+    mut saga: Saga,
+    bell: &Notify,
+    tenure: &Tenure,
+    written: &AtomicU64,
+) {
     let shutdown = &engine.inner.shutdown;
     let lost = &tenure.lost;
+    written.store(saga.version, Ordering::SeqCst);
     loop {
+        written.fetch_max(saga.version, Ordering::SeqCst);
         if shutdown.is_cancelled() || lost.is_cancelled() {
             return;
         }
@@ -146,7 +158,7 @@ pub(super) async fn drive(engine: &Engine, mut saga: Saga, bell: &Notify, tenure
                     // Abandoned for a cancel: the attempt is counted, its outcome unknown.
                     let reason = saga.failure_reason.clone().unwrap_or_default();
                     if let Some(event) = saga.interrupted(command, &reason) {
-                        match commit(engine, &saga, vec![event], tenure).await {
+                        match commit(engine, &saga, vec![event], tenure, written).await {
                             Some(next) => saga = next,
                             None => return,
                         }
@@ -160,7 +172,7 @@ pub(super) async fn drive(engine: &Engine, mut saga: Saga, bell: &Notify, tenure
                 saga.record_outcome(command, outcome, Utc::now(), fastrand::f64())
             }
         };
-        match commit(engine, &saga, events, tenure).await {
+        match commit(engine, &saga, events, tenure, written).await {
             Some(next) => saga = next,
             None => return,
         }
@@ -250,7 +262,13 @@ fn record_call_metrics(
 /// Appends `events` and returns the saga after them; after a conflict or a database failure,
 /// the saga as the log has it. `None`: stop driving (fenced off, shutdown, or a log that cannot
 /// be read).
-async fn commit(engine: &Engine, saga: &Saga, events: Vec<Event>, tenure: &Tenure) -> Option<Saga> {
+async fn commit(
+    engine: &Engine,
+    saga: &Saga,
+    events: Vec<Event>,
+    tenure: &Tenure,
+    written: &AtomicU64,
+) -> Option<Saga> {
     let replica_id = tenure.replica_id;
     let mut next = saga.clone();
     for event in &events {
@@ -269,6 +287,7 @@ async fn commit(engine: &Engine, saga: &Saga, events: Vec<Event>, tenure: &Tenur
         projection: projection(&next),
     };
     let events_written = write.events.clone();
+    written.fetch_max(next.version, Ordering::SeqCst);
     match engine.inner.writer.write(write).await {
         Ok(WriteOutcome::Written) => {
             if next.status().is_terminal() {

@@ -13,6 +13,7 @@ mod watch;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -133,6 +134,9 @@ struct Inner {
 struct Driven {
     bell: Arc<Notify>,
     replica_id: Uuid,
+    /// The newest version its driver knows of or is writing; `u64::MAX` until it has read the
+    /// saga.
+    written: Arc<AtomicU64>,
 }
 
 impl Engine {
@@ -291,17 +295,32 @@ impl Engine {
     ) -> Result<SagaRecord, EngineError> {
         let mut committed = self.inner.writer.subscribe();
         let deadline = tokio::time::Instant::now() + wait;
+        // A version this replica's driver has not yet begun to write cannot be in the database
+        // (short of a request recorded by another replica, which the tick below covers): the
+        // first read is skipped, and the commit that brings the version wakes the wait.
+        let mut read_first = !self.driven_below(saga_id, min_version);
+        let mut timed_out = false;
         loop {
-            let record = self
-                .inner
-                .store
-                .get_saga(saga_id)
-                .await?
-                .ok_or(EngineError::NotFound(saga_id))?;
-            let version = record.projection.version;
-            if version >= min_version {
-                return Ok(record);
+            if read_first || timed_out {
+                let record = self
+                    .inner
+                    .store
+                    .get_saga(saga_id)
+                    .await?
+                    .ok_or(EngineError::NotFound(saga_id))?;
+                let version = record.projection.version;
+                if version >= min_version {
+                    return Ok(record);
+                }
+                if timed_out {
+                    return Err(EngineError::VersionNotReached {
+                        saga_id,
+                        min_version,
+                        version,
+                    });
+                }
             }
+            read_first = true;
             // Woken by this instance's commits; the short tick covers writes by other instances.
             // At shutdown the wait ends at once: the client is told to ask another replica.
             if self.inner.shutdown.is_cancelled() {
@@ -316,7 +335,7 @@ impl Engine {
                         () = &mut tick => return,
                         () = shutdown.cancelled() => return,
                         announced = committed.recv() => match announced {
-                            Ok((id, _)) if id != saga_id => {}
+                            Ok((id, version)) if id != saga_id || version < min_version => {}
                             // The writer has stopped (shutdown): only the tick is left.
                             Err(tokio::sync::broadcast::error::RecvError::Closed) => {
                                 (&mut tick).await;
@@ -328,14 +347,18 @@ impl Engine {
                 }
             })
             .await;
-            if woken.is_err() {
-                return Err(EngineError::VersionNotReached {
-                    saga_id,
-                    min_version,
-                    version,
-                });
-            }
+            timed_out = woken.is_err();
         }
+    }
+
+    /// Whether this replica drives the saga and its driver has not yet begun to write
+    /// `version`.
+    fn driven_below(&self, saga_id: Uuid, version: u64) -> bool {
+        self.inner.drivers.lock().is_ok_and(|drivers| {
+            drivers
+                .get(&saga_id)
+                .is_some_and(|driven| driven.written.load(Ordering::SeqCst) < version)
+        })
     }
 
     /// Whether this replica can do its work: its lease is trusted, which needs the database.
@@ -660,6 +683,7 @@ impl Engine {
             return;
         }
         let bell = Arc::new(Notify::new());
+        let written = Arc::new(AtomicU64::new(u64::MAX));
         {
             let Ok(mut drivers) = self.inner.drivers.lock() else {
                 return;
@@ -675,6 +699,7 @@ impl Engine {
                 Driven {
                     bell: bell.clone(),
                     replica_id: tenure.replica_id,
+                    written: written.clone(),
                 },
             );
         }
@@ -686,7 +711,7 @@ impl Engine {
             async move {
                 if let Some(saga) = saga.await {
                     tracing::Span::current().record("correlation_id", saga.correlation_id.as_str());
-                    driver::drive(&engine, saga, &bell, &tenure).await;
+                    driver::drive(&engine, saga, &bell, &tenure, &written).await;
                 }
                 if let Ok(mut drivers) = engine.inner.drivers.lock()
                     && drivers
