@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, ensure};
 use sagad_e2e::demo::DemoSystem;
 use sagad_e2e::postgres::PrivateCluster;
 use serde_json::{Value, json};
@@ -118,24 +118,8 @@ async fn start_waiting_saga(
     system: &DemoSystem,
     db: &mut sqlx::PgConnection,
 ) -> anyhow::Result<String> {
-    let sagactl = sagad_e2e::daemon::binary("sagactl")?;
-    let output = tokio::process::Command::new(&sagactl)
-        .args(["--server", &system.server(), "--output", "json"])
-        .args(["start", "bench_waiting", "--input", "{}"])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
-        .with_context(|| format!("running {}", sagactl.display()))?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    if !output.status.success() {
-        bail!(
-            "sagactl start failed ({}): {stdout}{}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    let started: Value = serde_json::from_str(stdout.lines().last().unwrap_or_default())
-        .with_context(|| format!("sagactl start printed {stdout:?}"))?;
+    let started =
+        crate::level::sagactl(system, &["start", "bench_waiting", "--input", "{}"]).await?;
     let saga_id = started
         .get("saga_id")
         .and_then(Value::as_str)

@@ -209,12 +209,31 @@ fn difference(
 /// `sagactl bench` at the level's client count, with a tenth of the sagas refused by
 /// shipping (so compensation is measured); its JSON report.
 async fn run_client(system: &DemoSystem, level: &Level) -> anyhow::Result<Value> {
+    let sagas = level.sagas.to_string();
+    let clients = level.clients.to_string();
+    sagactl(
+        system,
+        &[
+            "bench",
+            "--sagas",
+            &sagas,
+            "--concurrency",
+            &clients,
+            "--refused-fraction",
+            "0.1",
+            "--timeout",
+            "20m",
+        ],
+    )
+    .await
+}
+
+/// Runs `sagactl` against the system's sagad with JSON output; the last line it printed.
+pub(crate) async fn sagactl(system: &DemoSystem, args: &[&str]) -> anyhow::Result<Value> {
     let sagactl = sagad_e2e::daemon::binary("sagactl")?;
     let output = tokio::process::Command::new(&sagactl)
-        .args(["--server", &system.server(), "--output", "json", "bench"])
-        .args(["--sagas", &level.sagas.to_string()])
-        .args(["--concurrency", &level.clients.to_string()])
-        .args(["--refused-fraction", "0.1", "--timeout", "20m"])
+        .args(["--server", &system.server(), "--output", "json"])
+        .args(args)
         .stdin(std::process::Stdio::null())
         .output()
         .await
@@ -222,12 +241,13 @@ async fn run_client(system: &DemoSystem, level: &Level) -> anyhow::Result<Value>
     let stdout = String::from_utf8_lossy(&output.stdout);
     if !output.status.success() {
         bail!(
-            "sagactl bench failed ({}): {}{}",
+            "sagactl {} failed ({}): {}{}",
+            args.first().unwrap_or(&""),
             output.status,
             stdout,
             String::from_utf8_lossy(&output.stderr)
         );
     }
     let line = stdout.lines().last().unwrap_or_default();
-    serde_json::from_str(line).with_context(|| format!("sagactl bench printed {line:?}"))
+    serde_json::from_str(line).with_context(|| format!("sagactl printed {line:?}"))
 }

@@ -302,12 +302,7 @@ impl Engine {
         let mut timed_out = false;
         loop {
             if read_first || timed_out {
-                let record = self
-                    .inner
-                    .store
-                    .get_saga(saga_id)
-                    .await?
-                    .ok_or(EngineError::NotFound(saga_id))?;
+                let record = self.read_model(saga_id).await?;
                 let version = record.projection.version;
                 if version >= min_version {
                     return Ok(record);
@@ -349,6 +344,15 @@ impl Engine {
             .await;
             timed_out = woken.is_err();
         }
+    }
+
+    /// The saga's read model as the database has it now.
+    async fn read_model(&self, saga_id: Uuid) -> Result<SagaRecord, EngineError> {
+        self.inner
+            .store
+            .get_saga(saga_id)
+            .await?
+            .ok_or(EngineError::NotFound(saga_id))
     }
 
     /// Whether this replica drives the saga and its driver has not yet begun to write
@@ -426,12 +430,7 @@ impl Engine {
                 WriteOutcome::Conflict | WriteOutcome::Fenced => tokio::task::yield_now().await,
             }
         }
-        let record = self
-            .inner
-            .store
-            .get_saga(saga_id)
-            .await?
-            .ok_or(EngineError::NotFound(saga_id))?;
+        let record = self.read_model(saga_id).await?;
         if record.projection.status == crate::saga::SagaStatus::Running {
             return Err(EngineError::Contended(saga_id));
         }
@@ -458,11 +457,7 @@ impl Engine {
             return Err(EngineError::Contended(saga_id));
         }
         tracing::info!(%saga_id, %requested_by, reason, skipped = ?skip, "saga retried");
-        self.inner
-            .store
-            .get_saga(saga_id)
-            .await?
-            .ok_or(EngineError::NotFound(saga_id))
+        self.read_model(saga_id).await
     }
 
     /// Appends the events of a request (a cancel, a retry) to `saga`, as it stands, then runs
