@@ -47,6 +47,10 @@ struct Args {
     /// Skip the grown database.
     #[arg(long)]
     no_growth: bool,
+    /// sagad and the participants reach Postgres through its Unix socket instead of TCP on
+    /// 127.0.0.1 (what a deployment with the database on the same machine would choose).
+    #[arg(long)]
+    unix_socket: bool,
     /// Where the JSON report goes.
     #[arg(long, default_value = "target/bench/latest.json")]
     json: PathBuf,
@@ -89,6 +93,12 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("starting a private Postgres cluster")?;
     let mut report = Report::new(&cluster).await?;
+    let server = if args.unix_socket {
+        report.connection = "unix socket";
+        cluster.socket_url()
+    } else {
+        cluster.server_url()
+    };
     eprintln!("{}", report.machine_line());
 
     eprintln!("yardstick: pgbench, one insert and one update per transaction…");
@@ -105,8 +115,8 @@ async fn main() -> anyhow::Result<()> {
     let unreachable = format!("unreachable=http://127.0.0.1:{}", sagad_e2e::free_port()?);
     let options = DemoOptions {
         sagad_args: vec!["--participant".to_owned(), unreachable],
-        sagad_server: Some(cluster.server_url()),
-        participant_server: Some(cluster.server_url()),
+        sagad_server: Some(server.clone()),
+        participant_server: Some(server),
         ..DemoOptions::default()
     };
     let mut system = DemoSystem::start("bench", &defs, options).await?;

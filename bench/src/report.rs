@@ -15,6 +15,8 @@ const MIB: f64 = 1024.0 * 1024.0;
 
 pub(crate) struct Report {
     machine: Value,
+    /// How sagad and the participants reach Postgres: `tcp` or `unix socket`.
+    pub(crate) connection: &'static str,
     pub(crate) yardstick: Vec<yardstick::Run>,
     pub(crate) levels: Vec<Measured>,
     pub(crate) growth: Option<Growth>,
@@ -72,6 +74,7 @@ impl Report {
                 "kernel": kernel,
                 "postgres": postgres,
             }),
+            connection: "tcp",
             yardstick: Vec::new(),
             levels: Vec::new(),
             growth: None,
@@ -81,7 +84,7 @@ impl Report {
     pub(crate) fn machine_line(&self) -> String {
         let postgres = &self.machine["postgres"];
         format!(
-            "machine: {} ({} cores, {} GiB), Linux {}; Postgres {} (fsync {}, synchronous_commit {}, shared_buffers {} pages)",
+            "machine: {} ({} cores, {} GiB), Linux {}; Postgres {} (fsync {}, synchronous_commit {}, shared_buffers {} pages, reached by {})",
             self.machine["cpu"].as_str().unwrap_or("?"),
             self.machine["cores"],
             self.machine["memory_gib"],
@@ -90,6 +93,7 @@ impl Report {
             postgres["fsync"].as_str().unwrap_or("?"),
             postgres["synchronous_commit"].as_str().unwrap_or("?"),
             postgres["shared_buffers"].as_str().unwrap_or("?"),
+            self.connection,
         )
     }
 
@@ -158,6 +162,7 @@ impl Report {
     pub(crate) fn json(&self) -> Value {
         json!({
             "machine": self.machine,
+            "connection": self.connection,
             "yardstick": self.yardstick.iter().map(yardstick::Run::json).collect::<Vec<_>>(),
             "growth": self.growth.as_ref().map(Growth::json),
             "levels": self.levels.iter().map(level_json).collect::<Vec<_>>(),

@@ -174,6 +174,18 @@ impl PrivateCluster {
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
+    /// The same server through its Unix socket (in the cluster's folder), without a database
+    /// name: no TCP between a client on this machine and the server.
+    pub fn socket_url(&self) -> String {
+        let folder = self
+            .dir
+            .display()
+            .to_string()
+            .replace('%', "%25")
+            .replace('/', "%2F");
+        format!("postgres://postgres@{folder}:{}", self.port)
+    }
+
     /// The port it listens on at 127.0.0.1.
     pub fn port(&self) -> u16 {
         self.port
