@@ -26,7 +26,7 @@ use tonic::transport::Channel;
 
 pub use daemon::{SagadProcess, TestDaemon};
 pub use database::{DatabaseGuard, TestDatabase};
-pub use participant::{Answer, CallKind, CallRecord, FakeParticipant, Reply};
+pub use participant::{Answer, CallKind, CallRecord, FakeParticipant, Reply, call_trace};
 
 /// The client the tests drive sagad with.
 pub type Client = SagaOrchestratorClient<Channel>;

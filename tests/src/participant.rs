@@ -304,3 +304,18 @@ impl Participant for Service {
         self.handle(CallKind::Compensate, request).await
     }
 }
+
+/// The calls as short lines, `X <step> #<attempt>` for an execute and `C …` for a
+/// compensate, in the order they came: what a test compares with the order it expects.
+pub fn call_trace(calls: &[CallRecord]) -> Vec<String> {
+    calls
+        .iter()
+        .map(|call| {
+            let kind = match call.kind {
+                CallKind::Execute => "X",
+                CallKind::Compensate => "C",
+            };
+            format!("{kind} {} #{}", call.step, call.attempt)
+        })
+        .collect()
+}

@@ -115,19 +115,6 @@ fn is_compensate(call: &CallRecord, step: &str) -> bool {
 }
 
 /// One line per call: `X step #attempt` for Execute, `C step #attempt` for Compensate.
-fn trace(calls: &[CallRecord]) -> Vec<String> {
-    calls
-        .iter()
-        .map(|call| {
-            let kind = match call.kind {
-                CallKind::Execute => "X",
-                CallKind::Compensate => "C",
-            };
-            format!("{kind} {} #{}", call.step, call.attempt)
-        })
-        .collect()
-}
-
 fn status(saga: &Saga) -> SagaStatus {
     SagaStatus::try_from(saga.status).unwrap_or(SagaStatus::Unspecified)
 }
@@ -346,7 +333,7 @@ async fn happy_path_calls_every_step_once_in_order_with_a_growing_context() -> a
 
     let calls = env.calls(&id);
     assert_eq!(
-        trace(&calls),
+        call_trace(&calls),
         [
             "X create_order #1",
             "X charge_payment #1",
@@ -427,7 +414,7 @@ async fn refusal_at_charge_payment_compensates_create_order_only() -> anyhow::Re
 
     let calls = env.calls(&id);
     assert_eq!(
-        trace(&calls),
+        call_trace(&calls),
         [
             "X create_order #1",
             "X charge_payment #1",
@@ -485,7 +472,7 @@ async fn refusal_at_schedule_shipment_compensates_newest_first() -> anyhow::Resu
 
     let calls = env.calls(&id);
     assert_eq!(
-        trace(&calls),
+        call_trace(&calls),
         [
             "X create_order #1",
             "X charge_payment #1",
@@ -532,7 +519,7 @@ async fn transient_errors_are_retried_under_the_same_key() -> anyhow::Result<()>
 
     let calls = env.calls(&id);
     assert_eq!(
-        trace(&calls),
+        call_trace(&calls),
         [
             "X create_order #1",
             "X charge_payment #1",
@@ -608,7 +595,7 @@ async fn transient_codes_are_retried_and_other_codes_are_refusals() -> anyhow::R
                 "{name}: {}",
                 brief(&saga)
             );
-            assert_eq!(charges, [1, 2], "{name}: {:?}", trace(&calls));
+            assert_eq!(charges, [1, 2], "{name}: {:?}", call_trace(&calls));
             assert_eq!(step(&saga, "charge_payment").attempts, 2, "{name}");
             assert!(
                 !calls.iter().any(|call| call.kind == CallKind::Compensate),
@@ -622,7 +609,7 @@ async fn transient_codes_are_retried_and_other_codes_are_refusals() -> anyhow::R
                 brief(&saga)
             );
             assert_eq!(
-                trace(&calls),
+                call_trace(&calls),
                 [
                     "X create_order #1",
                     "X charge_payment #1",
@@ -658,7 +645,7 @@ async fn exhausted_attempts_compensate_the_failing_step_first() -> anyhow::Resul
 
     let calls = env.calls(&id);
     assert_eq!(
-        trace(&calls),
+        call_trace(&calls),
         [
             "X create_order #1",
             "X charge_payment #1",
@@ -719,7 +706,7 @@ async fn timeout_then_retry(label: &str, first: Answer) -> anyhow::Result<()> {
     assert!(
         !calls.iter().any(|call| call.kind == CallKind::Compensate),
         "{:?}",
-        trace(&calls)
+        call_trace(&calls)
     );
     env.finish().await
 }
@@ -802,7 +789,7 @@ async fn a_compensation_is_retried_without_limit() -> anyhow::Result<()> {
     let key = format!("{id}/create_order/compensate");
     let expected: Vec<(u32, String)> = (1..=6).map(|attempt| (attempt, key.clone())).collect();
     assert_eq!(cancels, expected);
-    assert_eq!(calls.len(), 2 + 6, "{:?}", trace(&calls));
+    assert_eq!(calls.len(), 2 + 6, "{:?}", call_trace(&calls));
     env.finish().await
 }
 
@@ -837,7 +824,7 @@ async fn a_refused_compensation_fails_the_saga_and_stops_compensating() -> anyho
     assert_eq!(step_status(&saga, "create_order"), StepStatus::Succeeded);
     assert_eq!(step(&saga, "create_order").compensation_attempts, 0);
     assert_eq!(
-        trace(&env.calls(&id)),
+        call_trace(&env.calls(&id)),
         [
             "X create_order #1",
             "X charge_payment #1",
@@ -899,7 +886,7 @@ async fn cancel_while_a_step_is_in_flight_compensates_it_first() -> anyhow::Resu
     assert_eq!(status(&saga), SagaStatus::Compensated, "{}", brief(&saga));
     let calls = env.calls(&id);
     assert_eq!(
-        trace(&calls),
+        call_trace(&calls),
         [
             "X create_order #1",
             "X charge_payment #1",
@@ -1011,7 +998,7 @@ async fn cancel_during_a_backoff(label: &str, on_another_replica: bool) -> anyho
     };
     assert_eq!(status(&saga), SagaStatus::Compensated, "{}", brief(&saga));
     assert_eq!(
-        trace(&env.calls(&id)),
+        call_trace(&env.calls(&id)),
         [
             "X create_order #1",
             "X charge_payment #1",
@@ -1064,7 +1051,7 @@ async fn start_saga_is_idempotent_per_key() -> anyhow::Result<()> {
     assert!(!late.created);
 
     let calls = env.all_calls();
-    assert_eq!(calls.len(), 4, "{:?}", trace(&calls));
+    assert_eq!(calls.len(), 4, "{:?}", call_trace(&calls));
     assert!(calls.iter().all(|call| call.saga_id == first.saga_id));
 
     // No key: a new saga every time.
@@ -1277,7 +1264,7 @@ async fn a_saga_waiting_on_a_backoff_survives_a_graceful_restart() -> anyhow::Re
     assert_eq!(status(&saga), SagaStatus::Completed, "{}", brief(&saga));
     assert_eq!(charges(&env), [(1, key.clone()), (2, key)]);
     assert_eq!(
-        trace(&env.calls(&id)),
+        call_trace(&env.calls(&id)),
         [
             "X create_order #1",
             "X charge_payment #1",
@@ -1340,7 +1327,7 @@ async fn the_sweep_drives_a_saga_its_own_replica_owns_but_does_not_drive() -> an
     let saga = env.terminal(&copy).await?;
     assert_eq!(status(&saga), SagaStatus::Completed, "{}", brief(&saga));
     assert_eq!(
-        trace(&env.calls(&copy)),
+        call_trace(&env.calls(&copy)),
         [
             "X create_order #1",
             "X charge_payment #1",

@@ -72,20 +72,6 @@ async fn row(db: &mut PgConnection, saga_id: &str) -> anyhow::Result<Row> {
 }
 
 /// `X step #attempt` for an execute, `C step #attempt` for a compensation.
-fn trace(participant: &FakeParticipant, saga_id: &str) -> Vec<String> {
-    participant
-        .calls_for(saga_id)
-        .iter()
-        .map(|call| {
-            let kind = match call.kind {
-                CallKind::Execute => "X",
-                CallKind::Compensate => "C",
-            };
-            format!("{kind} {} #{}", call.step, call.attempt)
-        })
-        .collect()
-}
-
 /// What a test body gets: sagad's flags, where its logs go, its database, the participant.
 struct World {
     args: Vec<String>,
@@ -170,7 +156,7 @@ async fn a_saga_waiting_an_hour_is_parked_and_a_cancel_still_compensates_it_at_o
             ensure!(
                 Instant::now() < until,
                 "not parked within {DEADLINE:?}: {row:?}, calls {:?}",
-                trace(participant, &id)
+                call_trace(&participant.calls_for(&id))
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
@@ -197,9 +183,9 @@ async fn a_saga_waiting_an_hour_is_parked_and_a_cancel_still_compensates_it_at_o
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         ensure!(
-            trace(participant, &id) == ["X a #1", "X b #1"],
+            call_trace(&participant.calls_for(&id)) == ["X a #1", "X b #1"],
             "{:?}",
-            trace(participant, &id)
+            call_trace(&participant.calls_for(&id))
         );
 
         // A cancel makes the parked saga due now: it is claimed and compensated at once.
@@ -219,9 +205,9 @@ async fn a_saga_waiting_an_hour_is_parked_and_a_cancel_still_compensates_it_at_o
             SagaStatus::try_from(saga.status)
         );
         ensure!(
-            trace(participant, &id) == ["X a #1", "X b #1", "C b #1", "C a #1"],
+            call_trace(&participant.calls_for(&id)) == ["X a #1", "X b #1", "C b #1", "C a #1"],
             "{:?}",
-            trace(participant, &id)
+            call_trace(&participant.calls_for(&id))
         );
         let page = metrics::scrape(sagad.http_addr).await?;
         let taken_over = metrics::total(&page, "sagad_sagas_taken_over_total");
@@ -265,7 +251,7 @@ async fn a_saga_retrying_every_second_is_not_parked() -> anyhow::Result<()> {
             ensure!(
                 row.owner.is_some(),
                 "a saga waiting a second was let go: {row:?}, calls {:?}",
-                trace(participant, &id)
+                call_trace(&participant.calls_for(&id))
             );
             looks += 1;
             if row.status != "RUNNING" {
@@ -280,9 +266,10 @@ async fn a_saga_retrying_every_second_is_not_parked() -> anyhow::Result<()> {
         }
         println!("owned at each of {looks} looks");
         ensure!(
-            trace(participant, &id) == ["X a #1", "X b #1", "X b #2", "X b #3", "X b #4"],
+            call_trace(&participant.calls_for(&id))
+                == ["X a #1", "X b #1", "X b #2", "X b #3", "X b #4"],
             "{:?}",
-            trace(participant, &id)
+            call_trace(&participant.calls_for(&id))
         );
         let page = metrics::scrape(sagad.http_addr).await?;
         let parked = metrics::total(&page, "sagad_sagas_parked_total");
