@@ -16,6 +16,9 @@ const FIRST_ATTEMPT_WITHIN: Duration = Duration::from_secs(60);
 /// Sagas copied per transaction.
 const CHUNK: i64 = 50_000;
 
+/// Finished sagas loaded between two progress lines.
+const PROGRESS_EVERY: i64 = 100_000;
+
 /// What was loaded, and how long it took.
 #[derive(Debug, Clone)]
 pub(crate) struct Growth {
@@ -67,16 +70,20 @@ pub(crate) async fn grow(
     let mut copied: i64 = 0;
     let mut copy = 0_i64;
     let wanted = i64::try_from(finished).unwrap_or(i64::MAX);
+    let mut next_report = PROGRESS_EVERY;
     while copied < wanted {
         copy += 1;
         let mut from = 1_i64;
         while from <= templates && copied < wanted {
             let count = CHUNK.min(templates - from + 1).min(wanted - copied);
-            copy_sagas(&mut db, "templates", copy, from, from + count - 1).await?;
+            copy_sagas(&mut db, copy, from, from + count - 1).await?;
             copied += count;
             from += count;
         }
-        eprintln!("  {copied} finished sagas loaded");
+        if copied >= next_report || copied == wanted {
+            eprintln!("  {copied} finished sagas loaded");
+            next_report = copied + PROGRESS_EVERY;
+        }
     }
 
     sqlx::query("create temp table waiting_template (saga_id uuid, n bigint)")
@@ -145,17 +152,16 @@ async fn start_waiting_saga(
     }
 }
 
-/// Copies templates `from..=to` of `templates` (a table of `saga_id` and `n`) under new ids
-/// (a hash of the template and `copy`), `copy` days older, in one transaction.
+/// Copies templates `from..=to` (rows of the temporary table `templates`) under new ids (a
+/// hash of the template and `copy`), `copy` days older, in one transaction.
 async fn copy_sagas(
     db: &mut sqlx::PgConnection,
-    templates: &str,
     copy: i64,
     from: i64,
     to: i64,
 ) -> anyhow::Result<()> {
     let mut tx = db.begin().await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!(
+    sqlx::query(
         "insert into sagas (saga_id, saga_type, definition_version, status, input, context, steps,
                             failure_reason, version, correlation_id, idempotency_key, created_at,
                             updated_at, wake_at, owner, failing_since)
@@ -164,21 +170,21 @@ async fn copy_sagas(
                 md5(s.saga_id::text || ':' || $1)::uuid::text, null,
                 s.created_at - make_interval(days => $1::int), s.updated_at - make_interval(days => $1::int),
                 s.wake_at, null, s.failing_since
-         from sagas s join {templates} t using (saga_id)
-         where t.n between $2 and $3"
-    )))
+         from sagas s join templates t using (saga_id)
+         where t.n between $2 and $3",
+    )
     .bind(copy)
     .bind(from)
     .bind(to)
     .execute(&mut *tx)
     .await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!(
+    sqlx::query(
         "insert into saga_events (saga_id, seq, event_type, step, data, recorded_at, replica_id, format)
          select md5(e.saga_id::text || ':' || $1)::uuid, e.seq, e.event_type, e.step, e.data,
                 e.recorded_at - make_interval(days => $1::int), e.replica_id, e.format
-         from saga_events e join {templates} t using (saga_id)
-         where t.n between $2 and $3"
-    )))
+         from saga_events e join templates t using (saga_id)
+         where t.n between $2 and $3",
+    )
     .bind(copy)
     .bind(from)
     .bind(to)
