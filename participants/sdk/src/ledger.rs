@@ -5,6 +5,8 @@
 //! database and is created by [`migrate`], not by a migration folder, so there is no schema for
 //! the offline macros to check against.
 
+use std::collections::HashMap;
+
 use serde_json::{Value, json};
 use sqlx::{PgConnection, PgPool, Row};
 
@@ -104,52 +106,78 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::Error> {
 }
 
 /// Serializes every command of one step (its execute and its compensate, and duplicates of
-/// either) until the transaction ends. A hash collision only makes two steps take turns.
-pub(crate) async fn lock_step(
+/// either) until the transaction ends, for the steps of a whole batch at once. The locks are
+/// taken in the order of their hashes, so two batches never wait for each other in a circle. A
+/// hash collision only makes two steps take turns.
+pub(crate) async fn lock_steps(
     conn: &mut PgConnection,
-    execute_key: &str,
+    execute_keys: &[String],
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 0))")
-        .bind(execute_key)
-        .execute(conn)
-        .await?;
+    sqlx::query(
+        "select pg_advisory_xact_lock(hash) from (
+            select distinct hashtextextended(key, 0) as hash from unnest($1::text[]) as key
+            order by hash
+        ) as ordered",
+    )
+    .bind(execute_keys)
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
-pub(crate) async fn find(
+/// The recorded keys among `keys`. Read after the locks are held, so a command of the same step
+/// committed just before is seen.
+pub(crate) async fn find_all(
     conn: &mut PgConnection,
-    key: &str,
-) -> Result<Option<Recorded>, sqlx::Error> {
-    let row =
-        sqlx::query("select kind, reply from sagad_processed_commands where idempotency_key = $1")
-            .bind(key)
-            .fetch_optional(conn)
-            .await?;
-    let Some(row) = row else {
-        return Ok(None);
-    };
-    let kind: String = row.try_get("kind")?;
-    let reply: Value = row.try_get("reply")?;
-    match (Kind::parse(&kind), Reply::from_json(&reply)) {
-        (Some(kind), Some(reply)) => Ok(Some(Recorded { kind, reply })),
-        _ => Err(sqlx::Error::Decode(
-            format!("unreadable {TABLE} row for {key}: kind {kind}, reply {reply}").into(),
-        )),
+    keys: &[String],
+) -> Result<HashMap<String, Recorded>, sqlx::Error> {
+    let rows = sqlx::query(
+        "select idempotency_key, kind, reply from sagad_processed_commands
+         where idempotency_key = any($1)",
+    )
+    .bind(keys)
+    .fetch_all(conn)
+    .await?;
+    let mut found = HashMap::with_capacity(rows.len());
+    for row in rows {
+        let key: String = row.try_get("idempotency_key")?;
+        let kind: String = row.try_get("kind")?;
+        let reply: Value = row.try_get("reply")?;
+        match (Kind::parse(&kind), Reply::from_json(&reply)) {
+            (Some(kind), Some(reply)) => {
+                found.insert(key, Recorded { kind, reply });
+            }
+            _ => {
+                return Err(sqlx::Error::Decode(
+                    format!("unreadable {TABLE} row for {key}: kind {kind}, reply {reply}").into(),
+                ));
+            }
+        }
     }
+    Ok(found)
 }
 
-pub(crate) async fn record(
+/// Records the keys of a batch in one statement.
+pub(crate) async fn record_all(
     conn: &mut PgConnection,
-    key: &str,
-    kind: Kind,
-    reply: &Reply,
+    records: &[(String, Kind, Reply)],
 ) -> Result<(), sqlx::Error> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<&str> = records.iter().map(|(key, _, _)| key.as_str()).collect();
+    let kinds: Vec<&str> = records.iter().map(|(_, kind, _)| kind.as_str()).collect();
+    let replies: Vec<Value> = records
+        .iter()
+        .map(|(_, _, reply)| reply.to_json())
+        .collect();
     sqlx::query(
-        "insert into sagad_processed_commands (idempotency_key, kind, reply) values ($1, $2, $3)",
+        "insert into sagad_processed_commands (idempotency_key, kind, reply)
+         select * from unnest($1::text[], $2::text[], $3::jsonb[])",
     )
-    .bind(key)
-    .bind(kind.as_str())
-    .bind(reply.to_json())
+    .bind(keys)
+    .bind(kinds)
+    .bind(replies)
     .execute(conn)
     .await?;
     Ok(())

@@ -1,8 +1,12 @@
 //! The participant SDK: serves `sagad.participant.v1.Participant` around a [`StepHandler`] and
-//! makes a participant correct on its own (DESIGN.md, principle 7).
+//! makes a participant correct on its own: exactly-once effects do not depend on the
+//! orchestrator sending each command once.
 //!
-//! Each command runs in ONE transaction of the participant's database, with the handler's effect
-//! and a row of the SDK's table (`sagad_processed_commands`, keyed by idempotency key):
+//! Each command's effect commits in ONE transaction of the participant's database with a row of
+//! the SDK's table (`sagad_processed_commands`, keyed by idempotency key). Commands that arrive
+//! together share that transaction (group commit), each in a savepoint of its own, so a busy
+//! participant pays one durable commit for many commands and one command's failure undoes only
+//! its own writes:
 //!
 //! - a repeated key gets the recorded reply and changes nothing; concurrent duplicates take
 //!   turns on a lock of the step, so exactly one takes effect;
@@ -10,8 +14,10 @@
 //!   leaves a tombstone for the execute key: a late `Execute` is refused (`COMPENSATED`) and
 //!   changes nothing;
 //! - [`StepError::Refused`] rolls back the handler's writes and is the reply (recorded, for an
-//!   execute); [`StepError::Internal`] rolls back everything, records nothing, and answers gRPC
-//!   `INTERNAL`, so the orchestrator retries.
+//!   execute); [`StepError::Internal`] rolls back the handler's writes, records nothing, and
+//!   answers gRPC `INTERNAL`, so the orchestrator retries. A handler that goes on after one of
+//!   its statements failed is answered `INTERNAL` the same way; one that panics fails its whole
+//!   batch (`INTERNAL` for each command, nothing recorded).
 //!
 //! [`run`] is a participant's whole `main`: the common flags ([`CommonArgs`]), the database (created if missing, migrated), fault injection, tracing (text or JSON logs), health,
 //! and graceful shutdown on SIGTERM/SIGINT. A complete minimal participant:
@@ -62,6 +68,7 @@
 //! }
 //! ```
 
+mod batch;
 mod handler;
 mod ledger;
 mod service;
@@ -82,9 +89,10 @@ use tokio::net::TcpListener;
 use tonic::service::Routes;
 use tonic::transport::server::TcpIncoming;
 
+pub use batch::COMPENSATED;
 pub use handler::{StepCommandView, StepError, StepHandler};
 pub use ledger::{TABLE as LEDGER_TABLE, migrate as migrate_ledger};
-pub use service::{COMPENSATED, Faults, ParticipantService};
+pub use service::{Faults, ParticipantService};
 
 /// The flags every participant takes: `--listen`, `--database-url`, and the fault injection.
 #[derive(Debug, Clone, clap::Args)]

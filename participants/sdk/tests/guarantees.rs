@@ -14,7 +14,8 @@ use sqlx::{PgConnection, PgPool};
 use tonic::Request;
 
 /// Records every effect as a row; `input.refuse` / `input.fail` write first, then refuse / fail,
-/// so the tests see whether the write was rolled back.
+/// so the tests see whether the write was rolled back; `input.swallow` ignores a failed
+/// statement and answers success.
 struct Recorder;
 
 #[tonic::async_trait]
@@ -35,6 +36,10 @@ impl StepHandler for Recorder {
         }
         if command.input().get("fail").is_some() {
             return Err(StepError::internal("failed on purpose"));
+        }
+        if command.input().get("swallow").is_some() {
+            // A handler that ignores its statement's error: the transaction is aborted.
+            let _ = sqlx::query("select 1 / 0").execute(&mut *conn).await;
         }
         Ok(json!({ "done": command.saga_id }))
     }
@@ -328,5 +333,68 @@ async fn an_execute_racing_its_compensation_ends_undone_either_way() {
             assert_eq!((done, undone), (0, 0));
         }
     }
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn commands_arriving_together_share_a_commit_and_fail_alone() {
+    let db = TestDatabase::new("sdk");
+    let (pool, service) = setup(&db).await;
+    // 60 commands at once: while the first batches run (each handler takes 20 ms), the rest
+    // queue and go together into the next ones.
+    let calls: Vec<_> = (0..60)
+        .map(|n| {
+            let input = match n % 10 {
+                3 => json!({ "refuse": true }),
+                5 => json!({ "fail": true }),
+                7 => json!({ "swallow": true }),
+                _ => json!({}),
+            };
+            let service = service.clone();
+            tokio::spawn(
+                async move { execute(&service, command(&format!("b{n}"), false, input)).await },
+            )
+        })
+        .collect();
+    let mut replies = Vec::new();
+    for call in calls {
+        replies.push(call.await.unwrap());
+    }
+    for (n, reply) in replies.iter().enumerate() {
+        match n % 10 {
+            3 => assert_eq!(
+                reply.as_ref().ok().and_then(failure_code),
+                Some("NOPE"),
+                "{n}"
+            ),
+            5 | 7 => assert_eq!(
+                reply.as_ref().map_err(tonic::Status::code).err(),
+                Some(tonic::Code::Internal),
+                "{n}: {reply:?}"
+            ),
+            _ => assert!(reply.as_ref().is_ok_and(is_success), "{n}: {reply:?}"),
+        }
+    }
+    // The successes' effects stayed, every other command's writes were rolled back alone.
+    assert_eq!(effects(&pool, "execute").await, 42);
+    let unexpected: i64 = sqlx::query_scalar(
+        "select count(*) from effects
+         where right(saga_id, 1) in ('3', '5', '7')",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(unexpected, 0);
+    // 42 successes and 6 refusals recorded, the failures not.
+    assert_eq!(keys(&pool).await, 48);
+    // Rows written by one transaction share its id: 48 keys in far fewer commits.
+    let commits: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "select count(distinct xmin::text) from {LEDGER_TABLE}"
+    )))
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    println!("48 keys recorded by {commits} transactions");
+    assert!(commits <= 24, "{commits} transactions for 48 keys");
     pool.close().await;
 }

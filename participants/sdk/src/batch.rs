@@ -1,0 +1,382 @@
+//! Group commit: the commands that arrive together share one transaction of the participant's
+//! database, each in a savepoint of its own, so a busy participant pays one `BEGIN`, one lock
+//! and look-up statement, one insert of keys and one durable `COMMIT` for many commands.
+//!
+//! A batch locks the steps of all its commands first, in one statement and in one order (so two
+//! batches never wait on each other's step locks in a circle), then reads every key it needs in
+//! one statement, runs each command's handler inside a savepoint (a refusal or an error rolls
+//! back that command's writes only), records every key in one insert, and commits. Each command
+//! is answered after the commit. A failing `COMMIT` (or any statement outside a savepoint)
+//! fails every command of the batch with `UNAVAILABLE`: none of them took effect, and the
+//! orchestrator sends them again with the same keys.
+//!
+//! A batch runs in a task of its own, which the RPCs only wait for: a caller that goes away
+//! stops nothing (see [`crate::service`]). When the participant is idle a command is a batch of
+//! one and waits for nobody; while [`CONCURRENT_BATCHES`] transactions are open, the commands
+//! arriving meanwhile form the next batch.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde_json::Value;
+use sqlx::{PgConnection, PgPool};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tonic::Status;
+use tracing::Instrument;
+
+use crate::handler::{StepCommandView, StepError, StepHandler};
+use crate::ledger::{self, Kind, Recorded, Reply};
+
+/// Transactions open at once. Measured with the demo under 64 concurrent sagas: more batches
+/// in flight make smaller batches, and each commit then carries fewer commands.
+pub(crate) const CONCURRENT_BATCHES: usize = 4;
+/// The most commands in one transaction: each takes a subtransaction, and Postgres keeps at most
+/// 64 of a transaction's subtransactions in shared memory before every snapshot gets slower.
+const MAX_BATCH: usize = 32;
+/// Commands waiting for a batch before callers wait to hand theirs in.
+const QUEUE: usize = 1024;
+
+/// The failure code of an `Execute` that arrives after its step was compensated.
+pub const COMPENSATED: &str = "COMPENSATED";
+
+/// What a command is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Direction {
+    Execute,
+    Compensate,
+}
+
+/// A command waiting for its batch, and where its answer goes.
+struct Job {
+    command: StepCommandView,
+    direction: Direction,
+    span: tracing::Span,
+    answer: oneshot::Sender<Result<Reply, Status>>,
+}
+
+/// Hands commands to the batches; cloning it is cheap.
+#[derive(Clone)]
+pub(crate) struct Batcher {
+    queue: mpsc::Sender<Job>,
+}
+
+impl Batcher {
+    /// Starts the task that forms batches; it ends when every `Batcher` is dropped.
+    pub(crate) fn spawn<H: StepHandler>(pool: PgPool, handler: Arc<H>) -> Batcher {
+        let (queue, receiver) = mpsc::channel(QUEUE);
+        tokio::spawn(form_batches(pool, handler, receiver));
+        Batcher { queue }
+    }
+
+    /// Runs `command` in the next batch and waits for its answer after the commit. If the
+    /// caller goes away meanwhile, the batch still runs the command to its end.
+    pub(crate) async fn run(
+        &self,
+        command: StepCommandView,
+        direction: Direction,
+    ) -> Result<Reply, Status> {
+        let (answer, answered) = oneshot::channel();
+        let job = Job {
+            command,
+            direction,
+            span: tracing::Span::current(),
+            answer,
+        };
+        self.queue
+            .send(job)
+            .await
+            .map_err(|_| Status::unavailable("the participant is shutting down"))?;
+        answered.await.unwrap_or_else(|_| {
+            // The batch's task panicked (a handler did): its transaction was rolled back.
+            tracing::error!("the command's batch failed; rolled back");
+            Err(Status::internal("the command's batch failed; rolled back"))
+        })
+    }
+}
+
+async fn form_batches<H: StepHandler>(
+    pool: PgPool,
+    handler: Arc<H>,
+    mut receiver: mpsc::Receiver<Job>,
+) {
+    let open = Arc::new(Semaphore::new(CONCURRENT_BATCHES));
+    loop {
+        // A transaction slot first: the commands that arrive while every slot is busy wait in
+        // the queue and go together into the next batch.
+        let Ok(slot) = Arc::clone(&open).acquire_owned().await else {
+            return;
+        };
+        let Some(first) = receiver.recv().await else {
+            return;
+        };
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_BATCH {
+            match receiver.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        let (pool, handler) = (pool.clone(), Arc::clone(&handler));
+        tokio::spawn(async move {
+            run_batch(&pool, handler.as_ref(), jobs).await;
+            drop(slot);
+        });
+    }
+}
+
+async fn run_batch<H: StepHandler>(pool: &PgPool, handler: &H, jobs: Vec<Job>) {
+    let mut commands = Vec::with_capacity(jobs.len());
+    let mut answers = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        commands.push((job.command, job.direction, job.span));
+        answers.push(job.answer);
+    }
+    tracing::debug!(commands = commands.len(), "a batch");
+    match commit(pool, handler, commands).await {
+        Ok(replies) => {
+            for (answer, reply) in answers.into_iter().zip(replies) {
+                // A caller that has gone is fine: its command took effect all the same.
+                let _ = answer.send(reply);
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%error, commands = answers.len(), "a batch failed; rolled back");
+            let status = database_status(error);
+            for answer in answers {
+                let _ = answer.send(Err(status.clone()));
+            }
+        }
+    }
+}
+
+/// What the batch knows of keys: what was recorded before it, and what it records itself.
+struct Ledger {
+    known: HashMap<String, Recorded>,
+    to_record: Vec<(String, Kind, Reply)>,
+}
+
+impl Ledger {
+    fn get(&self, key: &str) -> Option<&Recorded> {
+        self.known.get(key)
+    }
+
+    fn record(&mut self, key: String, kind: Kind, reply: Reply) {
+        self.known.insert(
+            key.clone(),
+            Recorded {
+                kind,
+                reply: reply.clone(),
+            },
+        );
+        self.to_record.push((key, kind, reply));
+    }
+}
+
+/// The batch's transaction; `Err` only for what fails the whole transaction.
+async fn commit<H: StepHandler>(
+    pool: &PgPool,
+    handler: &H,
+    commands: Vec<(StepCommandView, Direction, tracing::Span)>,
+) -> Result<Vec<Result<Reply, Status>>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let step_keys: Vec<String> = commands
+        .iter()
+        .map(|(command, direction, _)| match direction {
+            Direction::Execute => command.idempotency_key.clone(),
+            Direction::Compensate => execute_key_of(command),
+        })
+        .collect();
+    ledger::lock_steps(&mut tx, &step_keys).await?;
+    let mut keys = step_keys.clone();
+    keys.extend(
+        commands
+            .iter()
+            .map(|(command, _, _)| command.idempotency_key.clone()),
+    );
+    let mut ledger = Ledger {
+        known: ledger::find_all(&mut tx, &keys).await?,
+        to_record: Vec::new(),
+    };
+    let mut replies = Vec::with_capacity(commands.len());
+    for ((command, direction, span), step_key) in commands.into_iter().zip(step_keys) {
+        let reply = match direction {
+            Direction::Execute => {
+                execute(&mut tx, handler, &mut ledger, command)
+                    .instrument(span)
+                    .await?
+            }
+            Direction::Compensate => {
+                compensate(&mut tx, handler, &mut ledger, command, step_key)
+                    .instrument(span)
+                    .await?
+            }
+        };
+        replies.push(reply);
+    }
+    ledger::record_all(&mut tx, &ledger.to_record).await?;
+    tx.commit().await?;
+    Ok(replies)
+}
+
+/// One execute of the batch.
+async fn execute<H: StepHandler>(
+    conn: &mut PgConnection,
+    handler: &H,
+    ledger: &mut Ledger,
+    command: StepCommandView,
+) -> Result<Result<Reply, Status>, sqlx::Error> {
+    let key = command.idempotency_key.clone();
+    if let Some(recorded) = ledger.get(&key) {
+        tracing::info!(
+            tombstone = recorded.kind == Kind::Tombstone,
+            "repeated key: the recorded reply"
+        );
+        return Ok(Ok(recorded.reply.clone()));
+    }
+    savepoint(conn).await?;
+    let result = handler.execute(&command, conn).await;
+    let reply = match finish(conn, result).await? {
+        Ran::Kept(output) => Reply::Success(output),
+        Ran::Refused { code, reason } => Reply::Failure { code, reason },
+        Ran::Failed(status) => {
+            tracing::warn!(message = status.message(), "execute failed; rolled back");
+            return Ok(Err(status));
+        }
+    };
+    tracing::info!(refused = matches!(reply, Reply::Failure { .. }), "executed");
+    ledger.record(key, Kind::Execute, reply.clone());
+    Ok(Ok(reply))
+}
+
+/// One compensate of the batch; `execute_key` is the key of the step's execute.
+async fn compensate<H: StepHandler>(
+    conn: &mut PgConnection,
+    handler: &H,
+    ledger: &mut Ledger,
+    mut command: StepCommandView,
+    execute_key: String,
+) -> Result<Result<Reply, Status>, sqlx::Error> {
+    let key = command.idempotency_key.clone();
+    if let Some(recorded) = ledger.get(&key) {
+        tracing::info!("repeated key: the recorded reply");
+        return Ok(Ok(recorded.reply.clone()));
+    }
+    let executed_output = match ledger.get(&execute_key) {
+        Some(Recorded {
+            kind: Kind::Execute,
+            reply: Reply::Success(output),
+        }) => Some(output.clone()),
+        // A refused execute changed nothing; a tombstone means it was compensated before.
+        Some(_) => None,
+        None => {
+            // Null compensation: the execute never took effect here. A tombstone makes a late
+            // execute with that key a refusal that changes nothing.
+            let tombstone = Reply::Failure {
+                code: COMPENSATED.to_owned(),
+                reason: format!(
+                    "step {} of saga {} was compensated before it executed",
+                    command.step, command.saga_id
+                ),
+            };
+            ledger.record(execute_key, Kind::Tombstone, tombstone);
+            None
+        }
+    };
+    let Some(executed_output) = executed_output else {
+        let reply = Reply::Success(Value::Null);
+        ledger.record(key, Kind::Compensate, reply.clone());
+        tracing::info!("null compensation: nothing to undo");
+        return Ok(Ok(reply));
+    };
+    command.executed_output = Some(executed_output);
+    savepoint(conn).await?;
+    let result = handler.compensate(&command, conn).await;
+    match finish(conn, result).await? {
+        Ran::Kept(output) => {
+            let reply = Reply::Success(output);
+            ledger.record(key, Kind::Compensate, reply.clone());
+            tracing::info!("compensated");
+            Ok(Ok(reply))
+        }
+        // Not recorded: the saga goes FAILED, an operator fixes the cause and RetrySaga sends
+        // the same key again, which must then run.
+        Ran::Refused { code, reason } => {
+            tracing::warn!(%code, %reason, "compensation refused");
+            Ok(Ok(Reply::Failure { code, reason }))
+        }
+        Ran::Failed(status) => {
+            tracing::warn!(message = status.message(), "compensate failed; rolled back");
+            Ok(Err(status))
+        }
+    }
+}
+
+/// How a handler's call inside its savepoint ended.
+enum Ran {
+    /// Its writes stay; its output is a JSON object or `Null`.
+    Kept(Value),
+    /// Its writes were rolled back; the refusal is the reply.
+    Refused { code: String, reason: String },
+    /// Its writes were rolled back; the call answers this.
+    Failed(Status),
+}
+
+/// Sets the savepoint a command's handler runs after: its writes are kept by [`finish`] or
+/// rolled back alone.
+async fn savepoint(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql("savepoint command").execute(conn).await?;
+    Ok(())
+}
+
+/// Releases the savepoint when the handler succeeded, or rolls back to it, so that one
+/// command's failure leaves the others' writes.
+async fn finish(
+    conn: &mut PgConnection,
+    result: Result<Value, StepError>,
+) -> Result<Ran, sqlx::Error> {
+    let ran = match result {
+        Ok(output @ (Value::Null | Value::Object(_))) => Ran::Kept(output),
+        Ok(other) => Ran::Failed(Status::internal(format!(
+            "the handler returned {other}, not a JSON object"
+        ))),
+        Err(StepError::Refused { code, reason }) => Ran::Refused { code, reason },
+        Err(StepError::Internal(message)) => Ran::Failed(Status::internal(message)),
+    };
+    if let Ran::Kept(_) = ran {
+        match sqlx::raw_sql("release savepoint command")
+            .execute(&mut *conn)
+            .await
+        {
+            Ok(_) => return Ok(ran),
+            // The handler went on after a statement of its own failed (the transaction is in
+            // an aborted state): its writes cannot be kept.
+            Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("25P02") => {
+                sqlx::raw_sql("rollback to savepoint command")
+                    .execute(&mut *conn)
+                    .await?;
+                return Ok(Ran::Failed(Status::internal(format!(
+                    "the handler ignored a failed statement: {error}"
+                ))));
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    sqlx::raw_sql("rollback to savepoint command")
+        .execute(conn)
+        .await?;
+    Ok(ran)
+}
+
+/// The execute key of the step a compensation undoes: `<saga>/<step>/execute`.
+pub(crate) fn execute_key_of(command: &StepCommandView) -> String {
+    match command.idempotency_key.strip_suffix("/compensate") {
+        Some(prefix) => format!("{prefix}/execute"),
+        None => format!("{}/{}/execute", command.saga_id, command.step),
+    }
+}
+
+/// The database is down or busy: transient, so the orchestrator retries.
+pub(crate) fn database_status(error: sqlx::Error) -> Status {
+    tracing::warn!(%error, "database error");
+    Status::unavailable(format!("database: {error}"))
+}
