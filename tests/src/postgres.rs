@@ -23,22 +23,30 @@ pub struct PrivateCluster {
     frozen: AtomicBool,
     /// Whether it syncs its writes to disk (`fsync`), as a production server does.
     durable: bool,
+    /// More server settings, `name=value`, given at every start.
+    settings: Vec<String>,
 }
 
 impl PrivateCluster {
     /// Creates the cluster with initdb and starts it on a free port, with fsync off: a test
     /// needs no durability against a crash of the machine.
     pub async fn start() -> anyhow::Result<Self> {
-        Self::create(false).await
+        Self::create(false, &[]).await
     }
 
     /// Creates the cluster and starts it as a production server runs: fsync and synchronous
     /// commit on, what a benchmark must pay for.
     pub async fn start_durable() -> anyhow::Result<Self> {
-        Self::create(true).await
+        Self::create(true, &[]).await
     }
 
-    async fn create(durable: bool) -> anyhow::Result<Self> {
+    /// Like [`PrivateCluster::start`], with more server settings (`name=value`), such as the
+    /// `shared_preload_libraries` the shared server cannot change for one test.
+    pub async fn start_with(settings: &[&str]) -> anyhow::Result<Self> {
+        Self::create(false, settings).await
+    }
+
+    async fn create(durable: bool, settings: &[&str]) -> anyhow::Result<Self> {
         let bin = postgres_bin()?;
         let dir =
             std::env::temp_dir().join(format!("sagad-test-pg-{}", uuid::Uuid::new_v4().simple()));
@@ -51,6 +59,10 @@ impl PrivateCluster {
             as_postgres,
             frozen: AtomicBool::new(false),
             durable,
+            settings: settings
+                .iter()
+                .map(|setting| (*setting).to_owned())
+                .collect(),
         };
         if as_postgres {
             let chown = tokio::process::Command::new("chown")
@@ -98,11 +110,15 @@ impl PrivateCluster {
     /// connections.
     pub async fn start_again(&self) -> anyhow::Result<()> {
         let fsync = if self.durable { "on" } else { "off" };
-        let options = format!(
+        let mut options = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync={fsync}",
             self.port,
             self.dir.display()
         );
+        for setting in &self.settings {
+            options.push_str(" -c ");
+            options.push_str(setting);
+        }
         let log = self.dir.join("postgres.log").display().to_string();
         self.run(
             "pg_ctl",

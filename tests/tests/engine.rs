@@ -10,8 +10,8 @@ use anyhow::{Context as _, bail};
 use sagad_e2e::participant::{Script, default_answer};
 use sagad_e2e::*;
 use sagad_proto::v1::{
-    CancelSagaRequest, GetSagaRequest, ListSagasRequest, Saga, SagaStatus, StartSagaRequest,
-    StartSagaResponse, Step, StepStatus,
+    CancelSagaRequest, GetSagaRequest, ListSagasRequest, Saga, SagaStatus, SagaView,
+    StartSagaRequest, StartSagaResponse, Step, StepStatus,
 };
 use serde_json::{Value, json};
 use tonic::Code;
@@ -195,7 +195,17 @@ struct Env {
 
 impl Env {
     async fn start(label: &str, defs: &Path, script: Script) -> anyhow::Result<Env> {
-        let db = DatabaseGuard::new(label);
+        Self::start_on(&database::server_url(), label, defs, script).await
+    }
+
+    /// With its database on `server` (a URL without a database name).
+    async fn start_on(
+        server: &str,
+        label: &str,
+        defs: &Path,
+        script: Script,
+    ) -> anyhow::Result<Env> {
+        let db = DatabaseGuard::on(server, label);
         let mut participants = Vec::new();
         for name in ["order", "payment", "shipping"] {
             participants.push(FakeParticipant::start_scripted(name, script.clone()).await?);
@@ -1123,6 +1133,156 @@ async fn get_saga_waits_for_a_min_version() -> anyhow::Result<()> {
         .expect_err("a version never reached");
     assert_eq!(error.code(), Code::DeadlineExceeded, "{error:?}");
     env.finish().await
+}
+
+/// How many times sagad read one saga's row (`GetSaga`'s read), as Postgres counts the
+/// statements run on this database (pg_stat_statements).
+async fn row_reads(db: &mut sqlx::PgConnection) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar::<_, i64>(
+        "select coalesce(sum(calls), 0)::int8 from pg_stat_statements
+         where dbid = (select oid from pg_database where datname = current_database())
+           and query like '%from sagas where saga_id = $1%'",
+    )
+    .fetch_one(db)
+    .await?)
+}
+
+/// What `sagactl start --wait` and `bench` send: a long-poll for the version after the one
+/// they know. For sagas driven here it is answered from the commit that brings that version:
+/// each answer (BASIC or FULL) is what a read of the same version returns afterwards, and the
+/// long-polls read no saga row. Postgres counts the reads (pg_stat_statements, on a cluster
+/// of the test's own), and the count is checked against reads the test forces. The inputs
+/// are large, as a client may send.
+#[tokio::test]
+async fn long_polls_of_sagas_driven_here_are_answered_from_the_commit_unread() -> anyhow::Result<()>
+{
+    const SAGAS: usize = 24;
+    let cluster =
+        postgres::PrivateCluster::start_with(&["shared_preload_libraries=pg_stat_statements"])
+            .await?;
+    // create_order answers after a moment, so each long-poll waits for its commit;
+    // charge_payment answers long after, so a saga stays at the version its long-poll got
+    // while the test reads it again.
+    let paced = script(|call, _| {
+        let answer = demo_output(call);
+        match (call.kind, call.step.as_str()) {
+            (CallKind::Execute, "create_order") => answer.after(Duration::from_millis(100)),
+            (CallKind::Execute, "charge_payment") => answer.after(Duration::from_secs(4)),
+            _ => answer,
+        }
+    });
+    let defs = fast_defs(FAST, &[])?;
+    let mut env = Env::start_on(&cluster.server_url(), "answered", &defs, paced).await?;
+    let mut db = <sqlx::PgConnection as sqlx::Connection>::connect(&env.db.url()).await?;
+    sqlx::query("create extension pg_stat_statements")
+        .execute(&mut db)
+        .await?;
+    let view = |n: usize| {
+        if n.is_multiple_of(2) {
+            SagaView::Basic
+        } else {
+            SagaView::Full
+        }
+    };
+
+    let before = row_reads(&mut db).await?;
+    let mut polls = tokio::task::JoinSet::new();
+    for n in 0..SAGAS {
+        let mut client = env.client.clone();
+        let mut input = order_input(&format!("c-answered-{n}"));
+        input["note"] = json!(
+            (0..64 * 1024)
+                .map(|_| fastrand::alphanumeric())
+                .collect::<String>()
+        );
+        polls.spawn(async move {
+            let started = client
+                .start_saga(StartSagaRequest {
+                    saga_type: "fast".to_owned(),
+                    input: Some(to_struct(input)),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            let known = started.saga.context("StartSaga answered no saga")?.version;
+            let answered = client
+                .get_saga(GetSagaRequest {
+                    saga_id: started.saga_id,
+                    min_version: known + 1,
+                    wait_ms: 20_000,
+                    view: view(n).into(),
+                })
+                .await?
+                .into_inner();
+            anyhow::Ok((n, known, answered))
+        });
+    }
+    let mut answers = Vec::new();
+    while let Some(answer) = polls.join_next().await {
+        answers.push(answer??);
+    }
+    let polled = row_reads(&mut db).await? - before;
+
+    // Every saga now waits for charge_payment: a read now is a read of the version answered.
+    for (n, known, answered) in &answers {
+        assert_eq!(answered.version, known + 1, "{}", brief(answered));
+        assert_eq!(step_status(answered, "create_order"), StepStatus::Succeeded);
+        assert_eq!(step_status(answered, "charge_payment"), StepStatus::Running);
+        let read = env
+            .client
+            .get_saga(GetSagaRequest {
+                saga_id: answered.saga_id.clone(),
+                view: view(*n).into(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        assert_eq!(
+            read.version,
+            answered.version,
+            "the saga moved on before the test read it: {}",
+            brief(&read)
+        );
+        // The inputs are compared apart, so that a difference elsewhere shows briefly.
+        assert!(
+            read.input == answered.input,
+            "{}: the inputs differ",
+            read.saga_id
+        );
+        let without_input = |saga: &Saga| Saga {
+            input: None,
+            ..saga.clone()
+        };
+        assert_eq!(
+            without_input(&read),
+            without_input(answered),
+            "a long-poll's answer (right) is not what a read of its version returns (left)"
+        );
+        if view(*n) == SagaView::Full {
+            assert_history(answered, "step_succeeded");
+        }
+    }
+    let forced = row_reads(&mut db).await? - before - polled;
+    println!("{SAGAS} long-polls read {polled} saga rows; {forced} reads forced after them");
+    assert_eq!(
+        forced, SAGAS as i64,
+        "the count of reads did not see the {SAGAS} reads the test made"
+    );
+    // A long-poll that waited past its 250 ms tick reads once per tick; answering after a
+    // read would read once per long-poll.
+    assert!(
+        polled <= (SAGAS / 4) as i64,
+        "{polled} reads of saga rows for {SAGAS} long-polls answered by this replica's commits"
+    );
+
+    for (_, _, answered) in &answers {
+        assert_eq!(
+            status(&env.terminal(&answered.saga_id).await?),
+            SagaStatus::Completed
+        );
+    }
+    env.finish().await?;
+    cluster.stop().await
 }
 
 fn ids(sagas: &[Saga]) -> Vec<String> {

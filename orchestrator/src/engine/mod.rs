@@ -286,18 +286,24 @@ impl Engine {
         }
     }
 
-    /// The saga's read model; with `min_version`, waits up to `wait` for it to get there.
+    /// The saga's read model; with `min_version`, waits up to `wait` for it to get there. A
+    /// version this replica's writer commits is answered from that commit, without reading
+    /// the row (one record shared by every long-poll waiting for it).
     pub async fn get_saga(
         &self,
         saga_id: Uuid,
         min_version: u64,
         wait: Duration,
-    ) -> Result<SagaRecord, EngineError> {
-        let mut committed = self.inner.writer.subscribe();
+    ) -> Result<Arc<SagaRecord>, EngineError> {
+        if min_version == 0 {
+            return Ok(Arc::new(self.read_model(saga_id).await?));
+        }
         let deadline = tokio::time::Instant::now() + wait;
+        // Waiting from before the first read: a commit between the two is not missed.
+        let mut commit = self.inner.writer.wait_for(saga_id, min_version);
         // A version this replica's driver has not yet begun to write cannot be in the database
         // (short of a request recorded by another replica, which the tick below covers): the
-        // first read is skipped, and the commit that brings the version wakes the wait.
+        // first read is skipped, and the commit that brings the version answers the wait.
         let mut read_first = !self.driven_below(saga_id, min_version);
         let mut timed_out = false;
         loop {
@@ -305,9 +311,9 @@ impl Engine {
                 let record = self.read_model(saga_id).await?;
                 let version = record.projection.version;
                 if version >= min_version {
-                    return Ok(record);
+                    return Ok(Arc::new(record));
                 }
-                if timed_out {
+                if timed_out || tokio::time::Instant::now() >= deadline {
                     return Err(EngineError::VersionNotReached {
                         saga_id,
                         min_version,
@@ -316,33 +322,26 @@ impl Engine {
                 }
             }
             read_first = true;
-            // Woken by this instance's commits; the short tick covers writes by other instances.
-            // At shutdown the wait ends at once: the client is told to ask another replica.
+            // Answered by this instance's commits; the short tick covers writes by other
+            // instances. At shutdown the wait ends at once: the client is told to ask another
+            // replica.
             if self.inner.shutdown.is_cancelled() {
                 return Err(EngineError::ShuttingDown);
             }
             let shutdown = self.inner.shutdown.clone();
             let woken = tokio::time::timeout_at(deadline, async {
-                let tick = tokio::time::sleep(Duration::from_millis(250));
-                tokio::pin!(tick);
-                loop {
-                    tokio::select! {
-                        () = &mut tick => return,
-                        () = shutdown.cancelled() => return,
-                        announced = committed.recv() => match announced {
-                            Ok((id, version)) if id != saga_id || version < min_version => {}
-                            // The writer has stopped (shutdown): only the tick is left.
-                            Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                                (&mut tick).await;
-                                return;
-                            }
-                            _ => return,
-                        },
-                    }
+                tokio::select! {
+                    record = commit.answered() => Some(record),
+                    () = tokio::time::sleep(Duration::from_millis(250)) => None,
+                    () = shutdown.cancelled() => None,
                 }
             })
             .await;
-            timed_out = woken.is_err();
+            match woken {
+                Ok(Some(record)) => return Ok(record),
+                Ok(None) => {}
+                Err(_) => timed_out = true,
+            }
         }
     }
 

@@ -8,9 +8,10 @@
 //! [`StoreError::Timeout`]; whether its write took effect is learnt by reading the log again.
 
 mod format;
+mod waiters;
 mod writer;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +26,7 @@ use uuid::Uuid;
 use crate::saga::{Event, SagaStatus, StepView};
 
 pub use format::LOG_FORMAT;
+pub use waiters::VersionWait;
 pub use writer::Writer;
 
 /// How long the server lets one statement run.
@@ -192,6 +194,39 @@ pub enum WriteOutcome {
     Fenced,
 }
 
+/// What became of one write of a committed batch, as the batch writer learns it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum BatchOutcome {
+    /// Written, with what the database itself set in the saga's row.
+    Written(RowStamps),
+    Conflict,
+    Fenced,
+}
+
+impl BatchOutcome {
+    /// The outcome as the write's caller is told it.
+    pub fn outcome(self) -> WriteOutcome {
+        match self {
+            BatchOutcome::Written(_) => WriteOutcome::Written,
+            BatchOutcome::Conflict => WriteOutcome::Conflict,
+            BatchOutcome::Fenced => WriteOutcome::Fenced,
+        }
+    }
+}
+
+/// The columns of a saga's row that the database, not the write, decides: returned by the
+/// statement that wrote the row, so that the row can be known without reading it again.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RowStamps {
+    pub created_at: DateTime<Utc>,
+    /// The writing transaction's `now()`.
+    pub updated_at: DateTime<Utc>,
+    /// Not always the projection's: an update keeps the row's due time when both are past.
+    pub wake_at: Option<DateTime<Utc>>,
+    /// As stored: to the microsecond.
+    pub failing_since: Option<DateTime<Utc>>,
+}
+
 /// What became of a driver's request to park its saga (see [`Store::park`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Parking {
@@ -220,6 +255,21 @@ pub struct SagaRecord {
     pub projection: Projection,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+impl SagaRecord {
+    /// The row a committed write left: its projection, with what the database set in the row.
+    /// What a read of the row right after the commit returns, without that read.
+    pub fn committed(saga_id: Uuid, mut projection: Projection, stamps: RowStamps) -> Self {
+        projection.wake_at = stamps.wake_at;
+        projection.failing_since = stamps.failing_since;
+        Self {
+            saga_id,
+            projection,
+            created_at: stamps.created_at,
+            updated_at: stamps.updated_at,
+        }
+    }
 }
 
 /// One entry of a saga's history.
@@ -348,8 +398,9 @@ impl Store {
 
     /// Commits a batch of writes for distinct sagas in one transaction. A conflict on one saga
     /// does not fail the others; an event that cannot be encoded fails its own write only.
-    /// Either every write of the batch is committed, or none.
-    pub async fn write_batch(&self, writes: &[SagaWrite]) -> Result<Vec<Result<WriteOutcome>>> {
+    /// Either every write of the batch is committed, or none. A written one comes back with
+    /// what the database set in its row, so the row is known without reading it.
+    pub async fn write_batch(&self, writes: &[SagaWrite]) -> Result<Vec<Result<BatchOutcome>>> {
         let mut encoded: Vec<Option<Vec<Value>>> = Vec::with_capacity(writes.len());
         let mut failed: Vec<Option<StoreError>> = Vec::with_capacity(writes.len());
         for write in writes {
@@ -389,7 +440,7 @@ impl Store {
             .into_iter()
             .map(|failure| match failure {
                 Some(error) => Err(error),
-                None => Ok(outcomes.next().unwrap_or(WriteOutcome::Conflict)),
+                None => Ok(outcomes.next().unwrap_or(BatchOutcome::Conflict)),
             })
             .collect())
     }
@@ -399,7 +450,7 @@ impl Store {
     /// updated (each only at the version its writer read, and a driver's only while it owns the
     /// saga under a live lease), the events of those that passed appended, and the replicas
     /// told what was appended (and which sagas a request changed), in a few notifications.
-    async fn commit_batch(&self, ready: &[(&SagaWrite, Vec<Value>)]) -> Result<Vec<WriteOutcome>> {
+    async fn commit_batch(&self, ready: &[(&SagaWrite, Vec<Value>)]) -> Result<Vec<BatchOutcome>> {
         let writes: Vec<&SagaWrite> = ready.iter().map(|(write, _)| *write).collect();
         let starts: Vec<&SagaWrite> = writes
             .iter()
@@ -425,7 +476,7 @@ impl Store {
             .filter(|w| w.fence == Fence::Request)
             .map(|w| w.saga_id)
             .collect();
-        let written: HashSet<Uuid> = sqlx::query_scalar!(
+        let written: HashMap<Uuid, RowStamps> = sqlx::query!(
             r#"
             with started as (
                 insert into sagas (saga_id, saga_type, definition_version, status, input, steps,
@@ -444,7 +495,7 @@ impl Store {
                           failure_reason, version, correlation_id, idempotency_key, wake_at,
                           owner, failing_since)
                 on conflict do nothing
-                returning saga_id, version
+                returning saga_id, version, created_at, updated_at, wake_at, failing_since
             ),
             moved as (
                 update sagas as s
@@ -465,12 +516,15 @@ impl Store {
                            and exists (select 1 from replicas r
                                        where r.replica_id = u.writer_id
                                          and r.lease_expires_at > clock_timestamp())))
-                returning s.saga_id, s.version
+                returning s.saga_id, s.version, s.created_at, s.updated_at, s.wake_at,
+                          s.failing_since
             ),
             written as (
-                select saga_id, version from started
+                select saga_id, version, created_at, updated_at, wake_at, failing_since
+                from started
                 union all
-                select saga_id, version from moved
+                select saga_id, version, created_at, updated_at, wake_at, failing_since
+                from moved
             ),
             logged as (
                 insert into saga_events (saga_id, seq, event_type, step, data, replica_id, format)
@@ -491,7 +545,9 @@ impl Store {
                 from (select saga_id, version, row_number() over () - 1 as n from written) as w
                 group by w.n / $34
             )
-            select w.saga_id as "saga_id!"
+            select w.saga_id as "saga_id!", w.created_at as "created_at!",
+                   w.updated_at as "updated_at!", w.wake_at as "wake_at?",
+                   w.failing_since as "failing_since?"
             from written w, (select count(*) from rung) as r, (select count(*) from announced) as a
             "#,
             &new.ids,
@@ -532,13 +588,22 @@ impl Store {
         .fetch_all(&self.pool)
         .await?
         .into_iter()
+        .map(|row| {
+            let stamps = RowStamps {
+                created_at: row.created_at,
+                updated_at: row.updated_at,
+                wake_at: row.wake_at,
+                failing_since: row.failing_since,
+            };
+            (row.saga_id, stamps)
+        })
         .collect();
 
         // A driver's write that did not pass: a lost lease or owner, or only a moved version?
         // Asked after the fact, and only when it happens: either way nothing was written.
         let (refused, refused_writers): (Vec<Uuid>, Vec<Uuid>) = updates
             .iter()
-            .filter(|w| w.fence == Fence::Owner && !written.contains(&w.saga_id))
+            .filter(|w| w.fence == Fence::Owner && !written.contains_key(&w.saga_id))
             .map(|w| (w.saga_id, w.replica_id))
             .unzip();
         let fenced: HashSet<Uuid> = if refused.is_empty() {
@@ -564,14 +629,10 @@ impl Store {
 
         Ok(writes
             .iter()
-            .map(|w| {
-                if written.contains(&w.saga_id) {
-                    WriteOutcome::Written
-                } else if fenced.contains(&w.saga_id) {
-                    WriteOutcome::Fenced
-                } else {
-                    WriteOutcome::Conflict
-                }
+            .map(|w| match written.get(&w.saga_id) {
+                Some(stamps) => BatchOutcome::Written(*stamps),
+                None if fenced.contains(&w.saga_id) => BatchOutcome::Fenced,
+                None => BatchOutcome::Conflict,
             })
             .collect())
     }

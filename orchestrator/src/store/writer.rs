@@ -2,14 +2,17 @@
 //! transaction, and answers each. Under load many sagas share one commit; alone, a write is a
 //! batch of one and waits for nothing. A write whose data fails its batch fails alone: the
 //! batch is tried again write by write. A database that fails or does not answer fails every
-//! write queued at that moment at once, so nobody waits out one timeout per batch.
+//! write queued at that moment at once, so nobody waits out one timeout per batch. After a
+//! commit, the long-polls waiting for what it wrote are answered from it (see `waiters`).
 
 use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
 
 use tokio::sync::{broadcast, mpsc, oneshot};
 use uuid::Uuid;
 
-use super::{Result, SagaWrite, Store, StoreError, WriteOutcome};
+use super::waiters::{VersionWait, Waiters};
+use super::{BatchOutcome, Result, SagaWrite, Store, StoreError, WriteOutcome};
 
 /// The most writes one transaction carries.
 const MAX_BATCH: usize = 256;
@@ -24,6 +27,7 @@ struct Pending {
 pub struct Writer {
     queue: mpsc::Sender<Pending>,
     committed: broadcast::Sender<(Uuid, u64)>,
+    waiters: Arc<Waiters>,
 }
 
 impl std::fmt::Debug for Pending {
@@ -39,8 +43,16 @@ impl Writer {
     pub fn spawn(store: Store) -> (Writer, tokio::task::JoinHandle<()>) {
         let (queue, receiver) = mpsc::channel(4 * MAX_BATCH);
         let (committed, _) = broadcast::channel(4096);
-        let task = tokio::spawn(run(store, receiver, committed.clone()));
-        (Writer { queue, committed }, task)
+        let waiters = Arc::new(Waiters::default());
+        let task = tokio::spawn(run(store, receiver, committed.clone(), waiters.clone()));
+        (
+            Writer {
+                queue,
+                committed,
+                waiters,
+            },
+            task,
+        )
     }
 
     /// Writes once the batch holding this write is committed.
@@ -53,10 +65,15 @@ impl Writer {
         answer.await.map_err(|_| StoreError::WriterStopped)?
     }
 
-    /// Announces `(saga_id, version)` after each committed write: what read-your-writes
-    /// queries and watchers wait on.
+    /// Announces `(saga_id, version)` after each committed write: what watchers wait on.
     pub fn subscribe(&self) -> broadcast::Receiver<(Uuid, u64)> {
         self.committed.subscribe()
+    }
+
+    /// Waits for a commit of this writer that brings `saga_id` to `min_version` or later, and
+    /// answers with the row it left, unread: read-your-writes without reading.
+    pub fn wait_for(&self, saga_id: Uuid, min_version: u64) -> VersionWait {
+        self.waiters.wait(saga_id, min_version)
     }
 }
 
@@ -64,6 +81,7 @@ async fn run(
     store: Store,
     mut receiver: mpsc::Receiver<Pending>,
     committed: broadcast::Sender<(Uuid, u64)>,
+    waiters: Arc<Waiters>,
 ) {
     // Writes held back because their saga already had a write in the batch being built: two
     // writes of one saga in one statement could not tell which won.
@@ -103,18 +121,17 @@ async fn run(
         metrics::histogram!("sagad_store_batch_writes").record(writes.len() as f64);
         // A reply whose requester has gone, or an announcement nobody listens to, is dropped.
         match store.write_batch(&writes).await {
-            Ok(outcomes) => answer(&committed, &writes, replies, outcomes),
+            Ok(outcomes) => answer(&committed, &waiters, writes, replies, outcomes),
             // One write's data may have failed the whole transaction: each is tried alone, so
             // that it fails alone.
             Err(error) if writes.len() > 1 && error.concerns_data() => {
                 tracing::warn!(%error, size = writes.len(), "batch commit failed; writing one by one");
                 for (write, reply) in writes.into_iter().zip(replies) {
-                    let alone = std::slice::from_ref(&write);
-                    let outcomes = match store.write_batch(alone).await {
+                    let outcomes = match store.write_batch(std::slice::from_ref(&write)).await {
                         Ok(outcomes) => outcomes,
                         Err(error) => vec![Err(error)],
                     };
-                    answer(&committed, alone, vec![reply], outcomes);
+                    answer(&committed, &waiters, vec![write], vec![reply], outcomes);
                 }
             }
             Err(error) => {
@@ -141,17 +158,22 @@ async fn run(
     }
 }
 
-/// Answers each write of a committed batch and announces the written ones.
+/// Answers each write of a committed batch, announces the written ones, and answers the
+/// long-polls waiting for them.
 fn answer(
     committed: &broadcast::Sender<(Uuid, u64)>,
-    writes: &[SagaWrite],
+    waiters: &Waiters,
+    writes: Vec<SagaWrite>,
     replies: Vec<oneshot::Sender<Result<WriteOutcome>>>,
-    outcomes: Vec<Result<WriteOutcome>>,
+    outcomes: Vec<Result<BatchOutcome>>,
 ) {
-    for ((write, reply), outcome) in writes.iter().zip(replies).zip(outcomes) {
-        if matches!(outcome, Ok(WriteOutcome::Written)) {
+    let mut written = Vec::new();
+    for ((write, reply), outcome) in writes.into_iter().zip(replies).zip(outcomes) {
+        if let Ok(BatchOutcome::Written(stamps)) = outcome {
             let _ = committed.send((write.saga_id, write.projection.version));
+            written.push((write, stamps));
         }
-        let _ = reply.send(outcome);
+        let _ = reply.send(outcome.map(BatchOutcome::outcome));
     }
+    waiters.answer(written);
 }
