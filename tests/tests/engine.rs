@@ -1268,8 +1268,8 @@ async fn long_polls_of_sagas_driven_here_are_answered_from_the_commit_unread() -
         forced, SAGAS as i64,
         "the count of reads did not see the {SAGAS} reads the test made"
     );
-    // A long-poll that waited past its 250 ms tick reads once per tick; answering after a
-    // read would read once per long-poll.
+    // A long-poll reads only where this replica's driver had not yet taken its saga up (a
+    // loaded machine); answering after a read would read once per long-poll.
     assert!(
         polled <= (SAGAS / 4) as i64,
         "{polled} reads of saga rows for {SAGAS} long-polls answered by this replica's commits"

@@ -321,10 +321,10 @@ impl Engine {
                     });
                 }
             }
-            read_first = true;
             // Answered by this instance's commits; the short tick covers writes by other
-            // instances. At shutdown the wait ends at once: the client is told to ask another
-            // replica.
+            // instances, so it reads only when this replica's driver is not the one to write
+            // the version (it is not driving the saga, or has begun that write). At shutdown the
+            // wait ends at once: the client is told to ask another replica.
             if self.inner.shutdown.is_cancelled() {
                 return Err(EngineError::ShuttingDown);
             }
@@ -339,7 +339,7 @@ impl Engine {
             .await;
             match woken {
                 Ok(Some(record)) => return Ok(record),
-                Ok(None) => {}
+                Ok(None) => read_first = !self.driven_below(saga_id, min_version),
                 Err(_) => timed_out = true,
             }
         }
@@ -654,30 +654,34 @@ impl Engine {
     /// Starts driving a saga under `tenure` unless it is already driven under it. A driver of
     /// a lost tenure is replaced.
     fn drive(&self, saga: Saga, tenure: Tenure) {
-        let saga_id = saga.id;
-        self.spawn_driver(saga_id, tenure, async move { Some(saga) });
+        let (saga_id, version) = (saga.id, saga.version);
+        self.spawn_driver(saga_id, tenure, version, async move { Some(saga) });
     }
 
     /// Drives a saga just claimed, reading its log first.
     fn drive_claimed(&self, saga_id: Uuid, tenure: Tenure) {
         let engine = self.clone();
         let lost = tenure.lost.clone();
-        self.spawn_driver(saga_id, tenure, async move {
+        self.spawn_driver(saga_id, tenure, u64::MAX, async move {
             driver::load_retrying(&engine, saga_id, &lost).await
         });
     }
 
+    /// `known_version` is the version of the saga in hand (`u64::MAX` while it is still to be
+    /// read): long-polls for a later one wait for the driver's commit without reading first,
+    /// even before the driver's task has run.
     fn spawn_driver(
         &self,
         saga_id: Uuid,
         tenure: Tenure,
+        known_version: u64,
         saga: impl Future<Output = Option<Saga>> + Send + 'static,
     ) {
         if self.inner.shutdown.is_cancelled() {
             return;
         }
         let bell = Arc::new(Notify::new());
-        let written = Arc::new(AtomicU64::new(u64::MAX));
+        let written = Arc::new(AtomicU64::new(known_version));
         {
             let Ok(mut drivers) = self.inner.drivers.lock() else {
                 return;
