@@ -392,8 +392,18 @@ impl Engine {
         })
     }
 
-    pub async fn history(&self, saga_id: Uuid) -> Result<Vec<EventRecord>, EngineError> {
-        Ok(self.inner.store.history(saga_id).await?)
+    /// Up to `limit` events of the saga's history after seq `after`, in order.
+    pub async fn history_page(
+        &self,
+        saga_id: Uuid,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<EventRecord>, EngineError> {
+        Ok(self
+            .inner
+            .store
+            .history_after(saga_id, after, Some(limit))
+            .await?)
     }
 
     pub async fn list_sagas(&self, filter: &ListFilter) -> Result<Vec<SagaRecord>, EngineError> {

@@ -603,19 +603,26 @@ impl Store {
 
     /// A saga's history as clients see it.
     pub async fn history(&self, saga_id: Uuid) -> Result<Vec<EventRecord>> {
-        self.history_after(saga_id, 0).await
+        self.history_after(saga_id, 0, None).await
     }
 
-    /// The events of a saga's history after seq `after`, in order.
-    pub async fn history_after(&self, saga_id: Uuid, after: u64) -> Result<Vec<EventRecord>> {
+    /// The events of a saga's history after seq `after`, in order; at most `limit` of them, so
+    /// that one answer never has to read a long history whole.
+    pub async fn history_after(
+        &self,
+        saga_id: Uuid,
+        after: u64,
+        limit: Option<u32>,
+    ) -> Result<Vec<EventRecord>> {
         let rows = bounded(
             "reading a saga's history",
             CALL_TIMEOUT,
             sqlx::query!(
                 r#"select seq, event_type, step, data, recorded_at from saga_events
-                   where saga_id = $1 and seq > $2 order by seq"#,
+                   where saga_id = $1 and seq > $2 order by seq limit $3"#,
                 saga_id,
                 to_i64(after),
+                limit.map(i64::from),
             )
             .fetch_all(&self.pool),
         )
