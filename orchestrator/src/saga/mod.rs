@@ -570,6 +570,11 @@ impl Saga {
             return;
         }
         for (step, view) in self.steps.iter_mut().zip(views) {
+            // A read model that does not agree with the log on where the step is says nothing
+            // of its attempts.
+            if view.status != step.status {
+                continue;
+            }
             let retried = match step.status {
                 StepStatus::Running => view.attempts > step.attempts,
                 StepStatus::Compensating => view.compensation_attempts > step.compensation_attempts,
@@ -577,7 +582,7 @@ impl Saga {
             };
             step.attempts = step.attempts.max(view.attempts);
             step.compensation_attempts = step.compensation_attempts.max(view.compensation_attempts);
-            if retried && view.status == step.status && step.failing_since.is_some() {
+            if retried && step.failing_since.is_some() {
                 step.last_error.clone_from(&view.last_error);
                 step.retry_at = view.next_attempt_at;
             }
