@@ -27,6 +27,11 @@ const DEFAULT_PAGE_SIZE: u32 = 50;
 /// The most bytes of sagas one `ListSagas` page holds: gRPC clients read at most 4 MiB a
 /// message by default.
 const MAX_PAGE_BYTES: usize = 3 * 1024 * 1024;
+/// The most events one `GetSaga` answer holds.
+pub const MAX_HISTORY_PAGE_SIZE: u32 = 10_000;
+/// The events of a history page unless asked otherwise: a saga retried for days keeps its
+/// answers small.
+pub const DEFAULT_HISTORY_PAGE_SIZE: u32 = 1000;
 /// The longest `GetSaga.wait_ms` honoured.
 const MAX_WAIT: Duration = Duration::from_secs(60);
 /// Longest `correlation_id`: it travels in every participant call's metadata, where a few KB
@@ -128,7 +133,7 @@ impl SagaOrchestrator for Api {
         Ok(Response::new(pb::StartSagaResponse {
             saga_id: started.record.saga_id.to_string(),
             created: started.created,
-            saga: Some(self.saga_message(&started.record, Vec::new())),
+            saga: Some(self.saga_message(&started.record)),
         }))
     }
 
@@ -148,17 +153,29 @@ impl SagaOrchestrator for Api {
                 )));
             }
         };
+        if request.history_page_size > MAX_HISTORY_PAGE_SIZE {
+            return Err(Status::invalid_argument(format!(
+                "history_page_size {} is over the limit of {MAX_HISTORY_PAGE_SIZE}",
+                request.history_page_size
+            )));
+        }
+        let page_size = if request.history_page_size == 0 {
+            DEFAULT_HISTORY_PAGE_SIZE
+        } else {
+            request.history_page_size
+        };
+        let after = parse_history_token(&request.history_page_token)?;
         let wait = Duration::from_millis(u64::from(request.wait_ms)).min(MAX_WAIT);
         let record = self
             .engine
             .get_saga(saga_id, request.min_version, wait)
             .await?;
-        let history = if basic {
-            Vec::new()
-        } else {
-            self.engine.history(saga_id).await?
-        };
-        Ok(Response::new(self.saga_message(&record, history)))
+        if basic {
+            return Ok(Response::new(self.saga_message(&record)));
+        }
+        Ok(Response::new(
+            self.with_history(&record, after, page_size).await?,
+        ))
     }
 
     async fn list_sagas(
@@ -202,7 +219,7 @@ impl SagaOrchestrator for Api {
         let mut bytes = 0;
         let mut last = None;
         for record in records.iter().take(page_size as usize) {
-            let saga = self.saga_message(record, Vec::new());
+            let saga = self.saga_message(record);
             bytes += saga.encoded_len();
             if bytes > MAX_PAGE_BYTES && !sagas.is_empty() {
                 break;
@@ -248,8 +265,10 @@ impl SagaOrchestrator for Api {
             request.reason
         };
         let record = self.engine.cancel_saga(saga_id, &reason).await?;
-        let history = self.engine.history(saga_id).await?;
-        Ok(Response::new(self.saga_message(&record, history)))
+        Ok(Response::new(
+            self.with_history(&record, 0, DEFAULT_HISTORY_PAGE_SIZE)
+                .await?,
+        ))
     }
 
     async fn retry_saga(
@@ -272,8 +291,10 @@ impl SagaOrchestrator for Api {
             .engine
             .retry_saga(saga_id, &reason, &requested_by, &request.skip_steps)
             .await?;
-        let history = self.engine.history(saga_id).await?;
-        Ok(Response::new(self.saga_message(&record, history)))
+        Ok(Response::new(
+            self.with_history(&record, 0, DEFAULT_HISTORY_PAGE_SIZE)
+                .await?,
+        ))
     }
 }
 
@@ -337,6 +358,24 @@ fn parse_page_token(token: &str) -> Result<ListCursor, Status> {
     })
 }
 
+/// A token this server made: the seq of the last event of the page before. Empty: from the
+/// first event.
+fn parse_history_token(token: &str) -> Result<u64, Status> {
+    if token.is_empty() {
+        return Ok(0);
+    }
+    token
+        .strip_prefix('h')
+        .filter(|seq| seq.bytes().all(|byte| byte.is_ascii_digit()))
+        .and_then(|seq| seq.parse().ok())
+        .ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "history_page_token {:?} is not a token this server gave",
+                shorten(token, 64)
+            ))
+        })
+}
+
 fn timestamp(at: DateTime<Utc>) -> pbjson_types::Timestamp {
     pbjson_types::Timestamp {
         seconds: at.timestamp(),
@@ -395,17 +434,50 @@ fn event_message(event: EventRecord) -> pb::SagaEvent {
 }
 
 impl Api {
-    /// A saga as the client API shows it. Never fails: whatever the store holds can be shown.
-    fn saga_message(&self, record: &SagaRecord, history: Vec<EventRecord>) -> pb::Saga {
+    /// A saga as the client API shows it, without its history. Never fails: whatever the store
+    /// holds can be shown.
+    fn saga_message(&self, record: &SagaRecord) -> pb::Saga {
         let stuck = record
             .projection
             .failing_since
             .is_some_and(|since| since < self.engine.stuck_cutoff());
-        saga_message(record, history, stuck)
+        saga_message(record, stuck)
+    }
+
+    /// The saga with one page of its history: up to `page_size` events after seq `after`, fewer
+    /// rather than grow the answer past what a client reads by default. The token for the rest
+    /// is set unless the page ends with the newest event.
+    async fn with_history(
+        &self,
+        record: &SagaRecord,
+        after: u64,
+        page_size: u32,
+    ) -> Result<pb::Saga, Status> {
+        // One more than asked tells whether another page follows.
+        let events = self
+            .engine
+            .history_page(record.saga_id, after, page_size + 1)
+            .await?;
+        let mut more = events.len() > page_size as usize;
+        let mut saga = self.saga_message(record);
+        let mut bytes = saga.encoded_len();
+        for event in events.into_iter().take(page_size as usize) {
+            let event = event_message(event);
+            bytes += event.encoded_len();
+            if bytes > MAX_PAGE_BYTES && !saga.history.is_empty() {
+                more = true;
+                break;
+            }
+            saga.history.push(event);
+        }
+        if more && let Some(last) = saga.history.last() {
+            saga.next_history_page_token = format!("h{}", last.seq);
+        }
+        Ok(saga)
     }
 }
 
-fn saga_message(record: &SagaRecord, history: Vec<EventRecord>, stuck: bool) -> pb::Saga {
+fn saga_message(record: &SagaRecord, stuck: bool) -> pb::Saga {
     let projection = &record.projection;
     let steps = projection
         .steps
@@ -442,7 +514,8 @@ fn saga_message(record: &SagaRecord, history: Vec<EventRecord>, stuck: bool) -> 
         idempotency_key: projection.idempotency_key.clone().unwrap_or_default(),
         created_at: Some(timestamp(record.created_at)),
         updated_at: Some(timestamp(record.updated_at)),
-        history: history.into_iter().map(event_message).collect(),
+        history: Vec::new(),
         stuck,
+        next_history_page_token: String::new(),
     }
 }

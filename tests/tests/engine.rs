@@ -1211,6 +1211,7 @@ async fn long_polls_of_sagas_driven_here_are_answered_from_the_commit_unread() -
                     min_version: known + 1,
                     wait_ms: 20_000,
                     view: view(n).into(),
+                    ..Default::default()
                 })
                 .await?
                 .into_inner();

@@ -1,6 +1,7 @@
 //! What an operator reaches for, against in-process sagad replicas on a database of their own
 //! and scripted participants: WatchSaga across replicas (and what many watchers cost),
-//! RetrySaga with and without skipped steps, stuck sagas, and GetSaga's basic view.
+//! RetrySaga with and without skipped steps, stuck sagas, and GetSaga's basic view and history
+//! pages.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -556,5 +557,115 @@ async fn the_basic_view_leaves_the_history_out() -> anyhow::Result<()> {
         matches!(&bad, Err(status) if status.code() == Code::InvalidArgument),
         "{bad:?}"
     );
+    env.finish().await
+}
+
+/// Reads the whole history `page_size` events at a time, checking each page's size.
+async fn history_by_pages(
+    client: &mut Client,
+    saga_id: &str,
+    page_size: u32,
+) -> anyhow::Result<Vec<SagaEvent>> {
+    let mut events = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = client
+            .get_saga(GetSagaRequest {
+                saga_id: saga_id.to_owned(),
+                history_page_size: page_size,
+                history_page_token: token,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        ensure!(
+            page.history.len() <= page_size as usize,
+            "a page of {} events",
+            page.history.len()
+        );
+        ensure!(
+            page.next_history_page_token.is_empty() || page.history.len() == page_size as usize,
+            "a short page ({} events) with a token after it",
+            page.history.len()
+        );
+        events.extend(page.history);
+        if page.next_history_page_token.is_empty() {
+            return Ok(events);
+        }
+        token = page.next_history_page_token;
+    }
+}
+
+#[tokio::test]
+async fn the_history_is_read_page_by_page() -> anyhow::Result<()> {
+    // The first step fails a few times before it gets through: a history of a dozen events.
+    let script: Script = Arc::new(|call, _| {
+        if call.step == "reserve" && call.kind == CallKind::Execute && call.attempt <= 8 {
+            Answer::status(Code::Unavailable)
+        } else {
+            default_answer(call)
+        }
+    });
+    let mut env = Env::start("history_pages", script, &[]).await?;
+    let saga_id = start_saga(&mut env.client, "ops", input("c-pages")).await?;
+    wait_terminal(&mut env.client, &saga_id, DEADLINE).await?;
+    let whole = get_saga(&mut env.client, &saga_id).await?;
+    ensure!(
+        whole.next_history_page_token.is_empty(),
+        "a token after the whole history: {:?}",
+        whole.next_history_page_token
+    );
+    let want: Vec<u64> = (1..=whole.version).collect();
+    let seqs: Vec<u64> = whole.history.iter().map(|event| event.seq).collect();
+    ensure!(seqs == want, "the default page: {seqs:?}");
+    ensure!(whole.version > 8, "only {} events", whole.version);
+
+    for page_size in [1, 3, 5, whole.version as u32] {
+        let events = history_by_pages(&mut env.client, &saga_id, page_size).await?;
+        ensure!(
+            events == whole.history,
+            "by pages of {page_size}: {:?}",
+            events.iter().map(|event| event.seq).collect::<Vec<_>>()
+        );
+    }
+
+    // A token beyond the end reads an empty page, with no token after it.
+    let past = env
+        .client
+        .get_saga(GetSagaRequest {
+            saga_id: saga_id.clone(),
+            history_page_token: format!("h{}", whole.version),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    ensure!(past.history.is_empty() && past.next_history_page_token.is_empty());
+
+    let bad = |size: u32, token: &str| {
+        let mut client = env.client.clone();
+        let request = GetSagaRequest {
+            saga_id: saga_id.clone(),
+            history_page_size: size,
+            history_page_token: token.to_owned(),
+            ..Default::default()
+        };
+        async move { client.get_saga(request).await }
+    };
+    for (size, token, field) in [
+        (10_001, "", "history_page_size"),
+        (u32::MAX, "", "history_page_size"),
+        (0, "nonsense", "history_page_token"),
+        (0, "h-1", "history_page_token"),
+        (0, "h", "history_page_token"),
+        (5, "h99999999999999999999999", "history_page_token"),
+    ] {
+        let answer = bad(size, token).await;
+        ensure!(
+            matches!(&answer, Err(status) if status.code() == Code::InvalidArgument
+                && status.message().contains(field)),
+            "size {size}, token {token:?}: {answer:?}"
+        );
+    }
+    ensure!(bad(10_000, "").await.is_ok(), "the largest page is refused");
     env.finish().await
 }

@@ -1,5 +1,6 @@
 //! The real sagad binary in a process of its own (`SagadProcess`): SIGKILL with many sagas in
-//! flight going forward and compensating, a crash during a durable backoff, definitions and
+//! flight going forward and compensating, a crash during a durable backoff and one in the middle
+//! of a long run of failed attempts (kept out of the log), definitions and
 //! flags it must refuse with one line on stderr, graceful shutdown on SIGTERM, and `/metrics`.
 //!
 //! The scripted participants run inside the test process and record every call they receive:
@@ -781,6 +782,131 @@ async fn sigkill_during_a_backoff_keeps_the_key_and_the_timer() -> anyhow::Resul
             .map(|call| call.attempt)
             .collect();
         assert_eq!(confirm, [1]);
+        Ok(())
+    })
+    .await
+}
+
+/// The attempts of `step`'s action the participant received for saga `id`, in order.
+fn attempts_received(participant: &FakeParticipant, id: &str, step: &str) -> Vec<u32> {
+    participant
+        .calls_for(id)
+        .iter()
+        .filter(|call| call.step == step && call.kind == CallKind::Execute)
+        .map(|call| call.attempt)
+        .collect()
+}
+
+/// The failure events in a saga's history.
+fn failures_logged(saga: &Saga) -> usize {
+    saga.history
+        .iter()
+        .filter(|event| event.r#type == "step_attempt_failed")
+        .count()
+}
+
+#[tokio::test]
+async fn a_long_run_of_failures_keeps_the_log_small_and_survives_sigkill() -> anyhow::Result<()> {
+    with_database("failing_run", |db| async move {
+        let healthy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let up = healthy.clone();
+        let script: Script = Arc::new(move |call, _| {
+            if call.step == "reserve" && !up.load(std::sync::atomic::Ordering::SeqCst) {
+                Answer::status(tonic::Code::Unavailable)
+            } else {
+                participant::default_answer(call)
+            }
+        });
+        let participant = FakeParticipant::start_scripted("p", script).await?;
+        let definition = small_definition(
+            "failing",
+            &[("reserve", "p"), ("confirm", "p")],
+            r#"retry = { max_attempts = 0, initial_delay = "20ms", multiplier = 1.0, max_delay = "20ms", jitter = 0.0 }"#,
+        );
+        let defs = Scratch::defs(&[("failing.toml", &definition)])?;
+        let logs = Scratch::logs("failing-logs")?;
+        let args = sagad_args(&db, &defs, &[&participant]);
+
+        let mut sagad = SagadProcess::start(&args, &logs).await?;
+        let mut client = sagad.client().await?;
+        let id = start_saga(&mut client, "failing", json!({})).await?;
+        let deadline = Duration::from_secs(60);
+        wait_until(&mut client, &id, deadline, |saga| {
+            saga.steps.first().is_some_and(|step| step.attempts >= 60)
+        })
+        .await?;
+        let saga = get_saga(&mut client, &id).await?;
+        let reserve = saga.steps.first().context("no step")?;
+        let received = attempts_received(&participant, &id, "reserve").len() as u32;
+        // Every attempt counted (one more may be in flight), few logged.
+        ensure!(
+            reserve.attempts == received || reserve.attempts + 1 == received,
+            "{} attempts counted, {received} received",
+            reserve.attempts
+        );
+        ensure!(reserve.last_error.contains("Unavailable"), "{reserve:?}");
+        ensure!(reserve.next_attempt_at.is_some(), "no next attempt time");
+        let bound = 3 + reserve.attempts.ilog2() as usize + 1;
+        ensure!(
+            failures_logged(&saga) <= bound,
+            "{} failures logged for {} attempts",
+            failures_logged(&saga),
+            reserve.attempts
+        );
+
+        // SIGKILL in the middle of the run; the restarted sagad takes the saga over and goes
+        // on numbering where the run was.
+        sagad.kill().await?;
+        let before_kill = attempts_received(&participant, &id, "reserve").len();
+        let sagad = SagadProcess::start(&args, &logs).await?;
+        let mut client = sagad.client().await?;
+        let target = before_kill as u32 + 20;
+        wait_until(&mut client, &id, deadline, |saga| {
+            saga.steps.first().is_some_and(|step| step.attempts >= target)
+        })
+        .await?;
+        healthy.store(true, std::sync::atomic::Ordering::SeqCst);
+        let saga = wait_terminal(&mut client, &id, deadline).await?;
+        ensure!(
+            saga.status == SagaStatus::Completed as i32,
+            "{:?}: {}",
+            saga.status,
+            saga.failure_reason
+        );
+        let saga = get_saga(&mut client, &id).await?;
+
+        // Attempt numbers rise by one each time; only the call in flight at the kill may be
+        // sent again with its number.
+        let attempts = attempts_received(&participant, &id, "reserve");
+        let repeats = attempts.windows(2).filter(|pair| pair[0] == pair[1]).count();
+        ensure!(
+            attempts.first() == Some(&1)
+                && attempts.windows(2).all(|pair| pair[1] == pair[0] || pair[1] == pair[0] + 1)
+                && repeats <= 1,
+            "attempts received: {attempts:?}"
+        );
+        let reserve = saga.steps.first().context("no step")?;
+        ensure!(
+            Some(&reserve.attempts) == attempts.last(),
+            "{} attempts counted, the last received was {:?}",
+            reserve.attempts,
+            attempts.last()
+        );
+        let bound = 3 + reserve.attempts.ilog2() as usize + 1;
+        ensure!(
+            failures_logged(&saga) <= bound,
+            "{} failures logged for {} attempts",
+            failures_logged(&saga),
+            reserve.attempts
+        );
+        let seqs: Vec<u64> = saga.history.iter().map(|event| event.seq).collect();
+        ensure!(seqs == (1..=saga.version).collect::<Vec<_>>(), "{seqs:?}");
+        println!(
+            "{} attempts, {} of them logged; {} events in all",
+            reserve.attempts,
+            failures_logged(&saga),
+            saga.version
+        );
         Ok(())
     })
     .await

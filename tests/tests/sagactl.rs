@@ -323,6 +323,13 @@ async fn start_get_and_list_in_both_forms() -> anyhow::Result<()> {
     for event in &history {
         assert_keys(event, &["seq", "type", "step", "recorded_at"]);
     }
+    // Read two events a call, the history is the same: get follows the pages.
+    let paged = env
+        .json(&["get", &id, "--history-page-size", "2"])
+        .await?
+        .json()?;
+    assert!(history.len() > 2, "{saga}");
+    assert_eq!(seqs_and_types(&paged), seqs_and_types(&saga));
 
     // get, table: the id, the status, the steps and the timeline.
     let run = env.run(&["get", &id]).await?.ok()?;

@@ -103,10 +103,13 @@ pub enum Command {
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, requires = "wait")]
         timeout: Duration,
     },
-    /// Show a saga: its status, steps and history.
+    /// Show a saga: its status, steps and whole history.
     Get {
         /// The saga id.
         id: String,
+        /// Events read per call while following a long history (0: the server's default).
+        #[arg(long, default_value_t = 0)]
+        history_page_size: u32,
     },
     /// List sagas, newest first.
     List {
@@ -293,15 +296,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
                 ],
             )?;
         }
-        Command::Get { id } => {
+        Command::Get {
+            id,
+            history_page_size,
+        } => {
             let answer = client
                 .get_saga(pb::GetSagaRequest {
                     saga_id: id,
                     view: pb::SagaView::Full as i32,
+                    history_page_size,
                     ..Default::default()
                 })
                 .await;
-            emit_saga(output, fit, &server.answer(answer).await?)?;
+            let saga = server.answer(answer).await?;
+            let saga = whole_history(&server, saga, history_page_size).await?;
+            emit_saga(output, fit, &saga)?;
         }
         Command::List {
             saga_type,
@@ -324,7 +333,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
                     reason,
                 })
                 .await;
-            emit_saga(output, fit, &server.answer(answer).await?)?;
+            let saga = whole_history(&server, server.answer(answer).await?, 0).await?;
+            emit_saga(output, fit, &saga)?;
         }
         Command::Retry { id, reason, skip } => {
             let answer = client
@@ -334,7 +344,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
                     skip_steps: skip,
                 })
                 .await;
-            emit_saga(output, fit, &server.answer(answer).await?)?;
+            let saga = whole_history(&server, server.answer(answer).await?, 0).await?;
+            emit_saga(output, fit, &saga)?;
         }
         Command::Bench(args) => {
             let report = bench::run(&server, &args, bench_input).await?;
@@ -395,7 +406,7 @@ async fn start_and_wait(
             ..Default::default()
         })
         .await;
-    let saga = server.answer(answer).await?;
+    let saga = whole_history(server, server.answer(answer).await?, 0).await?;
     match output {
         Output::Json => {
             let mut json = render::saga_json(&saga);
@@ -568,6 +579,7 @@ async fn wait_for_end(
                 min_version,
                 wait_ms: POLL_WAIT_MS,
                 view: pb::SagaView::Basic as i32,
+                ..Default::default()
             })
             .await;
         match answer {
@@ -589,6 +601,33 @@ async fn wait_for_end(
             }
         }
     }
+}
+
+/// `saga` with the rest of its history: the pages after the first, read one `GetSaga` at a
+/// time (`page_size` events each, 0 for the server's default), as long as the server says
+/// more follow. The state shown is that of the last answer, the newest.
+async fn whole_history(
+    server: &Server,
+    mut saga: pb::Saga,
+    page_size: u32,
+) -> anyhow::Result<pb::Saga> {
+    let mut client = server.client();
+    let mut history = std::mem::take(&mut saga.history);
+    while !saga.next_history_page_token.is_empty() {
+        let answer = client
+            .get_saga(pb::GetSagaRequest {
+                saga_id: saga.saga_id.clone(),
+                view: pb::SagaView::Full as i32,
+                history_page_size: page_size,
+                history_page_token: std::mem::take(&mut saga.next_history_page_token),
+                ..Default::default()
+            })
+            .await;
+        saga = server.answer(answer).await?;
+        history.append(&mut saga.history);
+    }
+    saga.history = history;
+    Ok(saga)
 }
 
 /// A connection to what `--server` names, and the words for what it answers.

@@ -261,7 +261,9 @@ fn record_call_metrics(
 
 /// Appends `events` and returns the saga after them; after a conflict or a database failure,
 /// the saga as the log has it. `None`: stop driving (fenced off, shutdown, or a log that cannot
-/// be read).
+/// be read). A failed attempt the core keeps out of the log is written to the read model
+/// alone, at the same version, under the same fence: its count and the timer of the next
+/// attempt are durable all the same.
 async fn commit(
     engine: &Engine,
     saga: &Saga,
@@ -270,9 +272,15 @@ async fn commit(
     written: &AtomicU64,
 ) -> Option<Saga> {
     let replica_id = tenure.replica_id;
+    let unlogged = saga.keeps_out_of_log(&events);
     let mut next = saga.clone();
     for event in &events {
-        if let Err(error) = next.apply(event) {
+        let applied = if unlogged {
+            next.absorb(event)
+        } else {
+            next.apply(event)
+        };
+        if let Err(error) = applied {
             tracing::error!(saga_id = %saga.id, %error, "the core produced an event it cannot apply");
             engine.abandon(saga.id);
             return None;
@@ -283,7 +291,7 @@ async fn commit(
         expected_version: saga.version,
         replica_id,
         fence: Fence::Owner,
-        events,
+        events: if unlogged { Vec::new() } else { events },
         projection: projection(&next),
     };
     let events_written = write.events.clone();

@@ -391,8 +391,18 @@ impl Engine {
         })
     }
 
-    pub async fn history(&self, saga_id: Uuid) -> Result<Vec<EventRecord>, EngineError> {
-        Ok(self.inner.store.history(saga_id).await?)
+    /// Up to `limit` events of the saga's history after seq `after`, in order.
+    pub async fn history_page(
+        &self,
+        saga_id: Uuid,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<EventRecord>, EngineError> {
+        Ok(self
+            .inner
+            .store
+            .history_after(saga_id, after, Some(limit))
+            .await?)
     }
 
     pub async fn list_sagas(&self, filter: &ListFilter) -> Result<Vec<SagaRecord>, EngineError> {
@@ -538,14 +548,17 @@ impl Engine {
     }
 
     async fn load(&self, saga_id: Uuid) -> Result<Saga, EngineError> {
-        let events = self.inner.store.load_events(saga_id).await?;
-        if events.is_empty() {
+        let log = self.inner.store.load_log(saga_id).await?;
+        if log.events.is_empty() {
             return Err(EngineError::NotFound(saga_id));
         }
-        Saga::replay(saga_id, &events).map_err(|error| EngineError::CorruptLog {
-            saga_id,
-            message: error.to_string(),
-        })
+        let mut saga =
+            Saga::replay(saga_id, &log.events).map_err(|error| EngineError::CorruptLog {
+                saga_id,
+                message: error.to_string(),
+            })?;
+        saga.restore_unlogged(&log.steps);
+        Ok(saga)
     }
 
     /// Claims what no live replica drives and drives it, and drives what this replica owns

@@ -84,6 +84,11 @@ pub struct StepState {
     /// When the current run of failed attempts (of the action, or of the compensation once the
     /// saga goes backward) began; `None` while the step is not failing.
     pub failing_since: Option<DateTime<Utc>>,
+    /// The failures of the current run that are in the log, and the error of the last one:
+    /// what decides whether the next failure is worth an event (see
+    /// [`Saga::keeps_out_of_log`]). Only logged events change them, so a replay has them too.
+    logged_failures: u32,
+    logged_error: Option<String>,
 }
 
 impl StepState {
@@ -97,9 +102,24 @@ impl StepState {
             retry_at: None,
             needs_compensation: false,
             failing_since: None,
+            logged_failures: 0,
+            logged_error: None,
         }
     }
+
+    /// Counts a failure the log records; the first of a run starts the count afresh.
+    fn log_failure(&mut self, error: &str) {
+        if self.failing_since.is_none() {
+            self.logged_failures = 0;
+        }
+        self.logged_failures = self.logged_failures.saturating_add(1);
+        self.logged_error = Some(error.to_owned());
+    }
 }
+
+/// The failures at the start of a run that are always logged: a short outage reads in full
+/// in the history.
+const LOGGED_FAILURES_PER_RUN: u32 = 3;
 
 /// One step as the read model stores and clients see it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -352,6 +372,7 @@ impl Saga {
             } => {
                 let has_compensation = self.definition.steps[k].compensation.is_some();
                 let step = &mut self.steps[k];
+                step.log_failure(error);
                 step.attempts = *attempt;
                 step.last_error = Some(error.clone());
                 step.retry_at = *retry_at;
@@ -418,6 +439,7 @@ impl Saga {
                 failed_at,
             } => {
                 let step = &mut self.steps[k];
+                step.log_failure(error);
                 step.compensation_attempts = *attempt;
                 step.last_error = Some(error.clone());
                 step.retry_at = *retry_at;
@@ -485,6 +507,86 @@ impl Saga {
         }
         self.version += 1;
         Ok(())
+    }
+
+    /// Whether `events`, what [`Saga::record_outcome`] returned, are a failed attempt like the
+    /// ones before it, to be kept out of the log: the saga's read model records it (with
+    /// [`Saga::absorb`]), its history does not. A step retried for days would otherwise grow
+    /// its log, and every replay of it, without bound. Logged are the first failures of a run,
+    /// a failure whose error differs from the last one logged, one at each attempt that is a
+    /// power of two (so a run of n failures logs O(log n) events), and the last one, which
+    /// ends the retries.
+    pub fn keeps_out_of_log(&self, events: &[Event]) -> bool {
+        let [event] = events else {
+            return false;
+        };
+        let (name, attempt, error) = match event {
+            Event::StepAttemptFailed {
+                step,
+                attempt,
+                error,
+                retry_at: Some(_),
+                ..
+            }
+            | Event::CompensationAttemptFailed {
+                step,
+                attempt,
+                error,
+                retry_at: Some(_),
+                ..
+            } => (step, *attempt, error),
+            _ => return false,
+        };
+        let Ok(k) = self.step_index(name) else {
+            return false;
+        };
+        let step = &self.steps[k];
+        step.failing_since.is_some()
+            && step.logged_failures >= LOGGED_FAILURES_PER_RUN
+            && step.logged_error.as_deref() == Some(error.as_str())
+            && !attempt.is_power_of_two()
+    }
+
+    /// Applies an event kept out of the log ([`Saga::keeps_out_of_log`]): the saga changes as
+    /// with [`Saga::apply`], but its version, the seq of its last logged event, does not.
+    pub fn absorb(&mut self, event: &Event) -> Result<(), ApplyError> {
+        let before = self.clone();
+        self.apply(event)?;
+        self.version = before.version;
+        for (step, was) in self.steps.iter_mut().zip(&before.steps) {
+            step.logged_failures = was.logged_failures;
+            step.logged_error.clone_from(&was.logged_error);
+        }
+        Ok(())
+    }
+
+    /// Takes back from the read model written at this saga's version what the attempts kept
+    /// out of the log changed: each step's attempt counts, and the last error and next attempt
+    /// time of a step being retried (the only kind whose failures may be unlogged). The read
+    /// model is never behind the log it was written with, so a count in it is never lower. A
+    /// replay of the log alone would number the next attempt lower than the one before.
+    pub fn restore_unlogged(&mut self, views: &[StepView]) {
+        if views.len() != self.steps.len() {
+            return;
+        }
+        for (step, view) in self.steps.iter_mut().zip(views) {
+            // A read model that does not agree with the log on where the step is says nothing
+            // of its attempts.
+            if view.status != step.status {
+                continue;
+            }
+            let retried = match step.status {
+                StepStatus::Running => view.attempts > step.attempts,
+                StepStatus::Compensating => view.compensation_attempts > step.compensation_attempts,
+                _ => false,
+            };
+            step.attempts = step.attempts.max(view.attempts);
+            step.compensation_attempts = step.compensation_attempts.max(view.compensation_attempts);
+            if retried && step.failing_since.is_some() {
+                step.last_error.clone_from(&view.last_error);
+                step.retry_at = view.next_attempt_at;
+            }
+        }
     }
 
     /// What to do next, given the time now.

@@ -23,6 +23,10 @@
 //!    the terminal event (if any) last, and once applied the core never asks to `Finish`.
 //! 5. A `FAILED` saga retried once its cause is fixed, with any steps skipped, ends
 //!    `COMPENSATED` with exactly the steps to undo undone, and a skipped step is never called.
+//! 6. A step (or its compensation) failing n times, its error changing now and then, logs
+//!    O(log n) failures: its log, with the read model's steps restored, replays to the live
+//!    saga at every point (so a takeover makes the same next call), and once the step gets
+//!    through, the log alone does.
 
 use std::collections::BTreeSet;
 
@@ -1067,4 +1071,116 @@ fn an_exhausted_compensation_is_named_in_the_failure_reason() {
         reason.contains("compensation of s0"),
         "the reason does not name the failed compensation: {reason:?}"
     );
+}
+
+/// Drives `live` to its next call, waiting out each backoff.
+fn next_call(live: &Saga, now: &mut DateTime<Utc>) -> Result<Command, TestCaseError> {
+    loop {
+        match live.decide(*now) {
+            Decision::Call(command) => return Ok(command),
+            Decision::WaitUntil(at) => *now = at,
+            other => {
+                prop_assert!(false, "expected a call, the core decided {other:?}");
+            }
+        }
+    }
+}
+
+/// Records an outcome as the engine does: in the log, or, for a failure the core keeps out
+/// of it, in the live saga alone.
+fn record_compactly(
+    live: &mut Saga,
+    log: &mut Vec<Event>,
+    command: Command,
+    outcome: Outcome,
+    now: DateTime<Utc>,
+) -> Result<bool, TestCaseError> {
+    let events = live.record_outcome(command, outcome, now, 0.5);
+    if live.keeps_out_of_log(&events) {
+        let version = live.version;
+        for event in &events {
+            let absorbed = live.absorb(event);
+            prop_assert!(absorbed.is_ok(), "{event:?} is not absorbed: {absorbed:?}");
+        }
+        prop_assert_eq!(live.version, version);
+        Ok(false)
+    } else {
+        commit(live, log, events, now)?;
+        Ok(true)
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Property 6.
+    #[test]
+    fn a_long_run_of_failures_logs_few_events_and_replays_the_same(
+        failures in 1u32..400,
+        changes in prop::collection::btree_set(0u32..400, 0..4),
+        backward in any::<bool>(),
+    ) {
+        let unlimited = StepSpec {
+            compensable: true,
+            max_attempts: None,
+            compensation_max_attempts: None,
+        };
+        let started = saga_started(build_definition(&[unlimited.clone(), unlimited]));
+        let id = Uuid::from_u128(6);
+        let mut live = recover(id, std::slice::from_ref(&started))?;
+        let mut log = vec![started];
+        let mut now = t0();
+        if backward {
+            // The first step gets through, the second is refused: its compensation retries.
+            let first = next_call(&live, &mut now)?;
+            record_compactly(&mut live, &mut log, first, outcome_of(Reply::Success, json!({})), now)?;
+            let second = next_call(&live, &mut now)?;
+            record_compactly(&mut live, &mut log, second, outcome_of(Reply::Refused, json!({})), now)?;
+        }
+        let logged_before = log.len();
+        let mut error = 0;
+        for n in 1..=failures {
+            if changes.contains(&n) {
+                error += 1;
+            }
+            let command = next_call(&live, &mut now)?;
+            prop_assert_eq!(command.attempt, n);
+            let outcome = Outcome::Transient { error: format!("UNAVAILABLE: error {error}") };
+            record_compactly(&mut live, &mut log, command, outcome, now)?;
+
+            // A takeover now: the log and the read model give back the live saga.
+            let mut taken_over = recover(id, &log)?;
+            let alone = taken_over.decide(now);
+            taken_over.restore_unlogged(&live.step_views());
+            prop_assert_eq!(&taken_over, &live);
+            // The log alone asks for the same call, numbered at most as high and maybe
+            // earlier (its timer is the last logged failure's): an early retry, harmless.
+            let mut later = now;
+            let call = next_call(&live, &mut later)?;
+            match alone {
+                Decision::Call(alone) => {
+                    prop_assert_eq!((alone.kind, alone.step), (call.kind, call.step));
+                    prop_assert!(alone.attempt <= call.attempt);
+                }
+                Decision::WaitUntil(at) => prop_assert!(at <= later),
+                other => prop_assert!(false, "{other:?} from the log, {call:?} live"),
+            }
+        }
+        let logged = (log.len() - logged_before) as u32;
+        let bound = LOGGED_FAILURES_PER_RUN + changes.len() as u32 + failures.ilog2() + 1;
+        prop_assert!(
+            logged <= bound.min(failures),
+            "{logged} of {failures} failures logged, more than {bound}"
+        );
+        let views = live.step_views();
+        let counted = if backward { views[0].compensation_attempts } else { views[0].attempts };
+        prop_assert_eq!(counted, failures);
+
+        // Once through, the log alone is the saga.
+        let command = next_call(&live, &mut now)?;
+        let success = outcome_of(Reply::Success, json!({}));
+        let logged = record_compactly(&mut live, &mut log, command, success, now)?;
+        prop_assert!(logged, "a success was kept out of the log");
+        prop_assert_eq!(recover(id, &log)?, live);
+    }
 }

@@ -6,6 +6,10 @@
 //! that read back as a default (`#[serde(default)]`): a new field never turns an old log into
 //! a corrupt one. A change that cannot be written so (a field renamed or retyped, an event
 //! split) takes format 2, with its own decoder here beside the old one.
+//!
+//! A log need not hold every failed attempt: those the core keeps out of it leave gaps in the
+//! attempt numbers of `step_attempt_failed` and `compensation_attempt_failed`, which every
+//! release folds alike (an event's attempt number is taken as it is).
 
 use serde_json::Value;
 

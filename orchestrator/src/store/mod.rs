@@ -159,7 +159,8 @@ pub struct Projection {
     pub failing_since: Option<DateTime<Utc>>,
 }
 
-/// Events to append to one saga's log, and its read model after them.
+/// Events to append to one saga's log, and its read model after them. With no events, the
+/// read model alone changes, at `expected_version` (a failed attempt kept out of the log).
 #[derive(Debug, Clone)]
 pub struct SagaWrite {
     pub saga_id: Uuid,
@@ -270,6 +271,13 @@ impl SagaRecord {
             updated_at: stamps.updated_at,
         }
     }
+}
+
+/// A saga's log and the steps of its read model at the log's last event.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StoredLog {
+    pub events: Vec<Event>,
+    pub steps: Vec<StepView>,
 }
 
 /// One entry of a saga's history.
@@ -637,46 +645,64 @@ impl Store {
             .collect())
     }
 
-    /// A saga's whole log, in order, for replay.
-    pub async fn load_events(&self, saga_id: Uuid) -> Result<Vec<Event>> {
+    /// A saga's whole log, in order, for replay, with the steps of its read model as they
+    /// stand at the log's last event: what failed attempts kept out of the log left there
+    /// (see `Saga::restore_unlogged`). One statement, so the two agree.
+    pub async fn load_log(&self, saga_id: Uuid) -> Result<StoredLog> {
         let rows = bounded(
             "reading a saga's log",
             CALL_TIMEOUT,
             sqlx::query!(
-                r#"select seq, format, data from saga_events where saga_id = $1 order by seq"#,
+                r#"select e.seq, e.format, e.data,
+                          case when e.seq = s.version then s.steps end as steps
+                   from sagas s
+                   join saga_events e on e.saga_id = s.saga_id and e.seq <= s.version
+                   where s.saga_id = $1
+                   order by e.seq"#,
                 saga_id
             )
             .fetch_all(&self.pool),
         )
         .await?;
-        rows.into_iter()
-            .map(|row| {
-                format::decode_event(row.format, row.data).map_err(|message| {
-                    StoreError::CorruptLog {
-                        saga_id,
-                        seq: row.seq,
-                        message,
-                    }
-                })
-            })
-            .collect()
+        let mut log = StoredLog::default();
+        for row in rows {
+            let corrupt = |message: String| StoreError::CorruptLog {
+                saga_id,
+                seq: row.seq,
+                message,
+            };
+            if let Some(steps) = row.steps {
+                log.steps = serde_json::from_value(steps)
+                    .map_err(|error| corrupt(format!("steps: {error}")))?;
+            }
+            log.events
+                .push(format::decode_event(row.format, row.data).map_err(corrupt)?);
+        }
+        Ok(log)
     }
 
     /// A saga's history as clients see it.
     pub async fn history(&self, saga_id: Uuid) -> Result<Vec<EventRecord>> {
-        self.history_after(saga_id, 0).await
+        self.history_after(saga_id, 0, None).await
     }
 
-    /// The events of a saga's history after seq `after`, in order.
-    pub async fn history_after(&self, saga_id: Uuid, after: u64) -> Result<Vec<EventRecord>> {
+    /// The events of a saga's history after seq `after`, in order; at most `limit` of them, so
+    /// that one answer never has to read a long history whole.
+    pub async fn history_after(
+        &self,
+        saga_id: Uuid,
+        after: u64,
+        limit: Option<u32>,
+    ) -> Result<Vec<EventRecord>> {
         let rows = bounded(
             "reading a saga's history",
             CALL_TIMEOUT,
             sqlx::query!(
                 r#"select seq, event_type, step, data, recorded_at from saga_events
-                   where saga_id = $1 and seq > $2 order by seq"#,
+                   where saga_id = $1 and seq > $2 order by seq limit $3"#,
                 saga_id,
                 to_i64(after),
+                limit.map(i64::from),
             )
             .fetch_all(&self.pool),
         )
