@@ -153,17 +153,12 @@ impl SagaOrchestrator for Api {
                 )));
             }
         };
-        if request.history_page_size > MAX_HISTORY_PAGE_SIZE {
-            return Err(Status::invalid_argument(format!(
-                "history_page_size {} is over the limit of {MAX_HISTORY_PAGE_SIZE}",
-                request.history_page_size
-            )));
-        }
-        let page_size = if request.history_page_size == 0 {
-            DEFAULT_HISTORY_PAGE_SIZE
-        } else {
-            request.history_page_size
-        };
+        let page_size = page_size(
+            "history_page_size",
+            request.history_page_size,
+            DEFAULT_HISTORY_PAGE_SIZE,
+            MAX_HISTORY_PAGE_SIZE,
+        )?;
         let after = parse_history_token(&request.history_page_token)?;
         let wait = Duration::from_millis(u64::from(request.wait_ms)).min(MAX_WAIT);
         let record = self
@@ -184,17 +179,12 @@ impl SagaOrchestrator for Api {
     ) -> Result<Response<pb::ListSagasResponse>, Status> {
         let request = request.into_inner();
         check_text("saga_type", &request.saga_type, MAX_SAGA_TYPE_BYTES)?;
-        if request.page_size > MAX_PAGE_SIZE {
-            return Err(Status::invalid_argument(format!(
-                "page_size {} is over the limit of {MAX_PAGE_SIZE}",
-                request.page_size
-            )));
-        }
-        let page_size = if request.page_size == 0 {
-            DEFAULT_PAGE_SIZE
-        } else {
-            request.page_size
-        };
+        let page_size = page_size(
+            "page_size",
+            request.page_size,
+            DEFAULT_PAGE_SIZE,
+            MAX_PAGE_SIZE,
+        )?;
         let statuses = request
             .statuses
             .iter()
@@ -356,6 +346,17 @@ fn parse_page_token(token: &str) -> Result<ListCursor, Status> {
         created_at: DateTime::from_timestamp_micros(micros).ok_or_else(invalid)?,
         saga_id: Uuid::parse_str(saga_id).map_err(|_| invalid())?,
     })
+}
+
+/// A requested page size: 0 asks for `default`; more than `max` is refused, naming `field`.
+fn page_size(field: &str, requested: u32, default: u32, max: u32) -> Result<u32, Status> {
+    match requested {
+        0 => Ok(default),
+        size if size > max => Err(Status::invalid_argument(format!(
+            "{field} {size} is over the limit of {max}"
+        ))),
+        size => Ok(size),
+    }
 }
 
 /// A token this server made: the seq of the last event of the page before. Empty: from the
