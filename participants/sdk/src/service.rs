@@ -179,23 +179,3 @@ fn to_proto(reply: Reply) -> Result<StepReply, Status> {
         result: Some(result),
     })
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::batch::execute_key_of;
-
-    #[test]
-    fn the_execute_key_of_a_compensation() {
-        let mut command = view(StepCommand {
-            saga_id: "s".into(),
-            step: "charge".into(),
-            idempotency_key: "s/charge/compensate".into(),
-            ..Default::default()
-        })
-        .unwrap();
-        assert_eq!(execute_key_of(&command), "s/charge/execute");
-        command.idempotency_key = "odd".into();
-        assert_eq!(execute_key_of(&command), "s/charge/execute");
-    }
-}
