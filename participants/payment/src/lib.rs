@@ -46,6 +46,34 @@ impl PaymentHandler {
         if amount_cents < 0 {
             return Err(StepError::bad_input("input.amount_cents is negative"));
         }
+        let payment_id = uuid::Uuid::now_v7().to_string();
+        // One statement for the common case: the account opened already debited, or an open
+        // one debited, and the payment inserted. It does nothing when the balance (or a new
+        // account's default balance) is short; the statements below then decide.
+        let charged = sqlx::query(
+            "with debited as (
+                 insert into accounts as account (customer_id, balance_cents, frozen)
+                 select $1, $2 - $4, starts_with($1, $3) where $2 >= $4
+                 on conflict (customer_id) do update
+                     set balance_cents = account.balance_cents - $4, updated_at = now()
+                     where account.balance_cents >= $4
+                 returning account.customer_id
+             )
+             insert into payments (payment_id, saga_id, customer_id, amount_cents, status)
+             select $5, $6, customer_id, $4, 'CHARGED' from debited",
+        )
+        .bind(customer_id)
+        .bind(self.default_balance_cents)
+        .bind(FROZEN_PREFIX)
+        .bind(amount_cents)
+        .bind(&payment_id)
+        .bind(&command.saga_id)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+        if charged == 1 {
+            return Ok(json!({ "payment_id": payment_id }));
+        }
         sqlx::query(
             "insert into accounts (customer_id, balance_cents, frozen)
              values ($1, $2, starts_with($1, $3))
@@ -76,7 +104,6 @@ impl PaymentHandler {
         .bind(amount_cents)
         .execute(&mut *conn)
         .await?;
-        let payment_id = uuid::Uuid::now_v7().to_string();
         sqlx::query(
             "insert into payments (payment_id, saga_id, customer_id, amount_cents, status)
              values ($1, $2, $3, $4, 'CHARGED')",
@@ -131,38 +158,36 @@ async fn refund(command: &StepCommandView, conn: &mut PgConnection) -> Result<Va
         .and_then(|output| output.get("payment_id"))
         .and_then(Value::as_str)
         .ok_or_else(|| StepError::internal("the ChargePayment output has no payment_id"))?;
+    // One statement: the payment marked refunded and its account credited unless frozen.
     let refunded = sqlx::query(
-        "update payments set status = 'REFUNDED', updated_at = now()
-         where payment_id = $1 and status = 'CHARGED'
-         returning customer_id, amount_cents",
+        "with refunded as (
+             update payments set status = 'REFUNDED', updated_at = now()
+             where payment_id = $1 and status = 'CHARGED'
+             returning customer_id, amount_cents
+         ), credited as (
+             update accounts as account
+             set balance_cents = account.balance_cents + refunded.amount_cents,
+                 updated_at = now()
+             from refunded
+             where account.customer_id = refunded.customer_id and not account.frozen
+             returning account.customer_id
+         )
+         select refunded.customer_id, exists (select from credited) as credited
+         from refunded",
     )
     .bind(payment_id)
     .fetch_optional(&mut *conn)
     .await?;
-    if let Some(row) = refunded {
+    if let Some(row) = refunded
+        && !row.try_get::<bool, _>("credited")?
+    {
         let customer_id: String = row.try_get("customer_id")?;
-        let amount_cents: i64 = row.try_get("amount_cents")?;
-        let frozen: bool = sqlx::query("select frozen from accounts where customer_id = $1")
-            .bind(&customer_id)
-            .fetch_one(&mut *conn)
-            .await?
-            .try_get("frozen")?;
-        if frozen {
-            // Refused: the SDK rolls this transaction back, so the payment stays CHARGED and
-            // the same key runs again once the account is unfrozen and the saga retried.
-            return Err(StepError::refused(
-                "ACCOUNT_FROZEN",
-                format!("the account of {customer_id} is frozen: no refund can be made"),
-            ));
-        }
-        sqlx::query(
-            "update accounts set balance_cents = balance_cents + $2, updated_at = now()
-             where customer_id = $1",
-        )
-        .bind(customer_id)
-        .bind(amount_cents)
-        .execute(&mut *conn)
-        .await?;
+        // Refused: the SDK rolls this command's writes back, so the payment stays CHARGED and
+        // the same key runs again once the account is unfrozen and the saga retried.
+        return Err(StepError::refused(
+            "ACCOUNT_FROZEN",
+            format!("the account of {customer_id} is frozen: no refund can be made"),
+        ));
     }
     Ok(Value::Null)
 }

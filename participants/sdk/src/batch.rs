@@ -155,6 +155,19 @@ async fn run_batch<H: StepHandler>(pool: &PgPool, handler: &H, jobs: Vec<Job>) {
 struct Ledger {
     known: HashMap<String, Recorded>,
     to_record: Vec<(String, Kind, Reply)>,
+    /// The last command whose handler's writes were kept. Its savepoint is not released (a
+    /// round trip saved per command): a failed statement its handler swallowed shows as the
+    /// transaction's aborted state at the batch's next statement, which then undoes it alone.
+    last_kept: Option<Kept>,
+    /// The newest savepoint has nothing after it (it was set with the lock and look-up, or
+    /// rolled back to): the next handler runs after it without setting another.
+    clean_savepoint: bool,
+}
+
+/// Where a kept command's answer and records are, to undo them.
+struct Kept {
+    reply: usize,
+    records_from: usize,
 }
 
 impl Ledger {
@@ -172,6 +185,61 @@ impl Ledger {
         );
         self.to_record.push((key, kind, reply));
     }
+
+    /// Notes how a handler that ran after the newest savepoint ended; `reply` is where its
+    /// command's answer goes.
+    fn ran(&mut self, ran: &Ran, reply: usize) {
+        if let Ran::Kept(_) = ran {
+            self.last_kept = Some(Kept {
+                reply,
+                records_from: self.to_record.len(),
+            });
+            self.clean_savepoint = false;
+        } else {
+            self.clean_savepoint = true;
+        }
+    }
+
+    /// Undoes the last kept command after its handler was found to have carried on past a
+    /// failed statement of its own; its savepoint has been rolled back to.
+    fn undo_last_kept(&mut self, replies: &mut [Result<Reply, Status>], error: &sqlx::Error) {
+        let Some(kept) = self.last_kept.take() else {
+            return;
+        };
+        for (key, _, _) in self.to_record.drain(kept.records_from..) {
+            self.known.remove(&key);
+        }
+        tracing::warn!(%error, "a handler ignored a failed statement; rolled back");
+        replies[kept.reply] = Err(Status::internal(format!(
+            "the handler ignored a failed statement: {error}"
+        )));
+    }
+}
+
+/// Runs a statement of the batch's own. If the transaction is in an aborted state, the last
+/// kept command's handler swallowed a failure: that command is rolled back to its savepoint and
+/// answered `INTERNAL`, and the statement runs again.
+async fn after_kept<T, F>(
+    conn: &mut PgConnection,
+    ledger: &mut Ledger,
+    replies: &mut [Result<Reply, Status>],
+    statement: F,
+) -> Result<T, sqlx::Error>
+where
+    F: AsyncFn(&mut PgConnection, &Ledger) -> Result<T, sqlx::Error>,
+{
+    match statement(conn, ledger).await {
+        Err(sqlx::Error::Database(error))
+            if error.code().as_deref() == Some("25P02") && ledger.last_kept.is_some() =>
+        {
+            sqlx::raw_sql("rollback to savepoint command")
+                .execute(&mut *conn)
+                .await?;
+            ledger.undo_last_kept(replies, &sqlx::Error::Database(error));
+            statement(conn, ledger).await
+        }
+        result => result,
+    }
 }
 
 /// The batch's transaction; `Err` only for what fails the whole transaction.
@@ -188,7 +256,7 @@ async fn commit<H: StepHandler>(
             Direction::Compensate => execute_key_of(command),
         })
         .collect();
-    ledger::lock_steps(&mut tx, &step_keys).await?;
+    // A compensation reads its step's execute key too.
     let mut keys = step_keys.clone();
     keys.extend(
         commands
@@ -196,26 +264,31 @@ async fn commit<H: StepHandler>(
             .map(|(command, _, _)| command.idempotency_key.clone()),
     );
     let mut ledger = Ledger {
-        known: ledger::find_all(&mut tx, &keys).await?,
+        known: ledger::lock_find_and_savepoint(&mut tx, &step_keys, &keys).await?,
         to_record: Vec::new(),
+        last_kept: None,
+        clean_savepoint: true,
     };
     let mut replies = Vec::with_capacity(commands.len());
     for ((command, direction, span), step_key) in commands.into_iter().zip(step_keys) {
         let reply = match direction {
             Direction::Execute => {
-                execute(&mut tx, handler, &mut ledger, command)
+                execute(&mut tx, handler, &mut ledger, &mut replies, command)
                     .instrument(span)
                     .await?
             }
             Direction::Compensate => {
-                compensate(&mut tx, handler, &mut ledger, command, step_key)
+                compensate(&mut tx, handler, &mut ledger, &mut replies, command, step_key)
                     .instrument(span)
                     .await?
             }
         };
         replies.push(reply);
     }
-    ledger::record_all(&mut tx, &ledger.to_record).await?;
+    after_kept(&mut tx, &mut ledger, &mut replies, async |conn, ledger| {
+        ledger::record_all(conn, &ledger.to_record).await
+    })
+    .await?;
     tx.commit().await?;
     Ok(replies)
 }
@@ -225,6 +298,7 @@ async fn execute<H: StepHandler>(
     conn: &mut PgConnection,
     handler: &H,
     ledger: &mut Ledger,
+    replies: &mut [Result<Reply, Status>],
     command: StepCommandView,
 ) -> Result<Result<Reply, Status>, sqlx::Error> {
     let key = command.idempotency_key.clone();
@@ -235,9 +309,11 @@ async fn execute<H: StepHandler>(
         );
         return Ok(Ok(recorded.reply.clone()));
     }
-    savepoint(conn).await?;
+    savepoint(conn, ledger, replies).await?;
     let result = handler.execute(&command, conn).await;
-    let reply = match finish(conn, result).await? {
+    let ran = finish(conn, result).await?;
+    ledger.ran(&ran, replies.len());
+    let reply = match ran {
         Ran::Kept(output) => Reply::Success(output),
         Ran::Refused { code, reason } => Reply::Failure { code, reason },
         Ran::Failed(status) => {
@@ -255,6 +331,7 @@ async fn compensate<H: StepHandler>(
     conn: &mut PgConnection,
     handler: &H,
     ledger: &mut Ledger,
+    replies: &mut [Result<Reply, Status>],
     mut command: StepCommandView,
     execute_key: String,
 ) -> Result<Result<Reply, Status>, sqlx::Error> {
@@ -291,9 +368,11 @@ async fn compensate<H: StepHandler>(
         return Ok(Ok(reply));
     };
     command.executed_output = Some(executed_output);
-    savepoint(conn).await?;
+    savepoint(conn, ledger, replies).await?;
     let result = handler.compensate(&command, conn).await;
-    match finish(conn, result).await? {
+    let ran = finish(conn, result).await?;
+    ledger.ran(&ran, replies.len());
+    match ran {
         Ran::Kept(output) => {
             let reply = Reply::Success(output);
             ledger.record(key, Kind::Compensate, reply.clone());
@@ -323,14 +402,28 @@ enum Ran {
     Failed(Status),
 }
 
-/// Sets the savepoint a command's handler runs after: its writes are kept by [`finish`] or
-/// rolled back alone.
-async fn savepoint(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-    sqlx::raw_sql("savepoint command").execute(conn).await?;
+/// Sets the savepoint a command's handler runs after, unless the newest one is still clean: its
+/// writes are kept, or rolled back alone by [`finish`] or [`after_kept`]. Kept savepoints are
+/// never released (the commit ends them all), so they nest: rolling back to `command` always
+/// reaches the newest one.
+async fn savepoint(
+    conn: &mut PgConnection,
+    ledger: &mut Ledger,
+    replies: &mut [Result<Reply, Status>],
+) -> Result<(), sqlx::Error> {
+    if ledger.clean_savepoint {
+        return Ok(());
+    }
+    after_kept(conn, ledger, replies, async |conn, _| {
+        sqlx::raw_sql("savepoint command").execute(conn).await
+    })
+    .await?;
+    // The transaction was not aborted: the last kept command's writes stand.
+    ledger.last_kept = None;
     Ok(())
 }
 
-/// Releases the savepoint when the handler succeeded, or rolls back to it, so that one
+/// Keeps the handler's writes when it succeeded, or rolls back to its savepoint, so that one
 /// command's failure leaves the others' writes.
 async fn finish(
     conn: &mut PgConnection,
@@ -345,23 +438,7 @@ async fn finish(
         Err(StepError::Internal(message)) => Ran::Failed(Status::internal(message)),
     };
     if let Ran::Kept(_) = ran {
-        match sqlx::raw_sql("release savepoint command")
-            .execute(&mut *conn)
-            .await
-        {
-            Ok(_) => return Ok(ran),
-            // The handler went on after a statement of its own failed (the transaction is in
-            // an aborted state): its writes cannot be kept.
-            Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("25P02") => {
-                sqlx::raw_sql("rollback to savepoint command")
-                    .execute(&mut *conn)
-                    .await?;
-                return Ok(Ran::Failed(Status::internal(format!(
-                    "the handler ignored a failed statement: {error}"
-                ))));
-            }
-            Err(error) => return Err(error),
-        }
+        return Ok(ran);
     }
     sqlx::raw_sql("rollback to savepoint command")
         .execute(conn)

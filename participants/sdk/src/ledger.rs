@@ -83,7 +83,7 @@ pub(crate) struct Recorded {
 /// The table's name, for tests that look inside.
 pub const TABLE: &str = "sagad_processed_commands";
 
-/// Creates the SDK's table if it is missing. Idempotent, and safe when several processes start
+/// Creates the SDK's table if it is missing, and (re)creates its function. Idempotent, and safe when several processes start
 /// at once on the same database. Kept out of sqlx's migrator so a participant's own
 /// `migrations/<service>/` folder and its `_sqlx_migrations` table are untouched.
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::Error> {
@@ -102,40 +102,49 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::Error> {
     )
     .execute(&mut *tx)
     .await?;
+    sqlx::raw_sql(LOCK_AND_FIND).execute(&mut *tx).await?;
     tx.commit().await
 }
 
-/// Serializes every command of one step (its execute and its compensate, and duplicates of
-/// either) until the transaction ends, for the steps of a whole batch at once. The locks are
-/// taken in the order of their hashes, so two batches never wait for each other in a circle. A
-/// hash collision only makes two steps take turns.
-pub(crate) async fn lock_steps(
-    conn: &mut PgConnection,
-    execute_keys: &[String],
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "select pg_advisory_xact_lock(hash) from (
-            select distinct hashtextextended(key, 0) as hash from unnest($1::text[]) as key
+/// The SDK's function that takes a batch's step locks and then reads its keys, in one round
+/// trip. A `volatile` SQL function takes a fresh snapshot for each of its statements, so the
+/// read sees a command of the same step that committed while the lock was awaited. The locks
+/// are taken in the order of their hashes, so two batches never wait for each other in a
+/// circle; a hash collision only makes two steps take turns.
+const LOCK_AND_FIND: &str = r"create or replace function sagad_lock_steps_and_find(
+        step_keys text[], keys text[]
+    ) returns table (idempotency_key text, kind text, reply jsonb)
+    language sql volatile as $$
+        select pg_advisory_xact_lock(ordered.hash) from (
+            select distinct hashtextextended(step_key, 0) as hash
+            from unnest(step_keys) as step_key
             order by hash
-        ) as ordered",
-    )
-    .bind(execute_keys)
-    .execute(conn)
-    .await?;
-    Ok(())
-}
+        ) as ordered;
+        select processed.idempotency_key, processed.kind, processed.reply
+        from sagad_processed_commands as processed
+        where processed.idempotency_key = any(keys);
+    $$";
 
-/// The recorded keys among `keys`. Read after the locks are held, so a command of the same step
-/// committed just before is seen.
-pub(crate) async fn find_all(
+/// Serializes every command of one step (its execute and its compensate, and duplicates of
+/// either) until the transaction ends, for the steps of a whole batch at once; returns the
+/// recorded keys among `keys`, read after the locks are held; and sets the savepoint `command`
+/// for the batch's first handler. All in one round trip: the keys travel as JSON text inside a
+/// dollar-quoted literal (taken verbatim by Postgres, whatever they hold), because only a
+/// simple query carries two statements.
+pub(crate) async fn lock_find_and_savepoint(
     conn: &mut PgConnection,
+    step_keys: &[String],
     keys: &[String],
 ) -> Result<HashMap<String, Recorded>, sqlx::Error> {
-    let rows = sqlx::query(
-        "select idempotency_key, kind, reply from sagad_processed_commands
-         where idempotency_key = any($1)",
-    )
-    .bind(keys)
+    let step_keys = Value::from(step_keys).to_string();
+    let keys = Value::from(keys).to_string();
+    let quote = dollar_quote(&[&step_keys, &keys]);
+    let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "select idempotency_key, kind, reply from sagad_lock_steps_and_find(
+             array(select jsonb_array_elements_text({quote}{step_keys}{quote}::jsonb)),
+             array(select jsonb_array_elements_text({quote}{keys}{quote}::jsonb)));
+         savepoint command"
+    )))
     .fetch_all(conn)
     .await?;
     let mut found = HashMap::with_capacity(rows.len());
@@ -155,6 +164,14 @@ pub(crate) async fn find_all(
         }
     }
     Ok(found)
+}
+
+/// A dollar-quote tag that occurs in none of `texts`.
+fn dollar_quote(texts: &[&str]) -> String {
+    (0u64..)
+        .map(|n| format!("$k{n}$"))
+        .find(|tag| texts.iter().all(|text| !text.contains(tag.as_str())))
+        .unwrap_or_default()
 }
 
 /// Records the keys of a batch in one statement.
@@ -181,4 +198,15 @@ pub(crate) async fn record_all(
     .execute(conn)
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dollar_quote_occurs_in_none_of_the_texts() {
+        assert_eq!(dollar_quote(&["[\"a\"]"]), "$k0$");
+        assert_eq!(dollar_quote(&["[\"$k0$\"]", "[\"$k1$\"]"]), "$k2$");
+    }
 }
