@@ -278,9 +278,16 @@ async fn commit<H: StepHandler>(
                     .await?
             }
             Direction::Compensate => {
-                compensate(&mut tx, handler, &mut ledger, &mut replies, command, step_key)
-                    .instrument(span)
-                    .await?
+                compensate(
+                    &mut tx,
+                    handler,
+                    &mut ledger,
+                    &mut replies,
+                    command,
+                    step_key,
+                )
+                .instrument(span)
+                .await?
             }
         };
         replies.push(reply);

@@ -283,7 +283,10 @@ async fn a_handler_that_ignores_its_failed_statement_is_rolled_back_alone() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
-    assert!(status.message().contains("ignored a failed statement"), "{status:?}");
+    assert!(
+        status.message().contains("ignored a failed statement"),
+        "{status:?}"
+    );
     assert_eq!(effects(&pool, "execute").await, 0);
     assert_eq!(keys(&pool).await, 0);
     // The same key runs again once the handler behaves.
