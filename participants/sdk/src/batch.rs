@@ -2,10 +2,11 @@
 //! database, each in a savepoint of its own, so a busy participant pays one `BEGIN`, one lock
 //! and look-up statement, one insert of keys and one durable `COMMIT` for many commands.
 //!
-//! A batch locks the steps of all its commands first, in one statement and in one order (so two
-//! batches never wait on each other's step locks in a circle), then reads every key it needs in
-//! one statement, runs each command's handler inside a savepoint (a refusal or an error rolls
-//! back that command's writes only), records every key in one insert, and commits. Each command
+//! A batch locks the steps of all its commands first, in one order (so two batches never wait
+//! on each other's step locks in a circle), then reads every key it needs and sets its first
+//! savepoint, all in one round trip; runs each command's handler inside a savepoint (a refusal
+//! or an error rolls back that command's writes only), records every key in one insert, and
+//! commits. Each command
 //! is answered after the commit. A failing `COMMIT` (or any statement outside a savepoint)
 //! fails every command of the batch with `UNAVAILABLE`: none of them took effect, and the
 //! orchestrator sends them again with the same keys.

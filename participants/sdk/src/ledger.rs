@@ -83,9 +83,10 @@ pub(crate) struct Recorded {
 /// The table's name, for tests that look inside.
 pub const TABLE: &str = "sagad_processed_commands";
 
-/// Creates the SDK's table if it is missing, and (re)creates its function. Idempotent, and safe when several processes start
-/// at once on the same database. Kept out of sqlx's migrator so a participant's own
-/// `migrations/<service>/` folder and its `_sqlx_migrations` table are untouched.
+/// Creates the SDK's table if it is missing, and (re)creates its function. Idempotent, and safe
+/// when several processes start at once on the same database. Kept out of sqlx's migrator so a
+/// participant's own `migrations/<service>/` folder and its `_sqlx_migrations` table are
+/// untouched.
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
     // Concurrent `create table if not exists` can collide in the catalog: take turns.
