@@ -1,5 +1,7 @@
 //! A participant server for tests: it records every call it receives and answers as a script
-//! says (success with an output, a refusal, a gRPC error, a delay, or no answer at all).
+//! says (success with an output, a refusal, a gRPC error, a delay, no answer at all, or a
+//! broken connection). Calls reach it through a TCP relay of its own, so that a script can
+//! break the connection under a call in flight, as a participant that crashes does.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
@@ -8,8 +10,8 @@ use std::time::{Duration, Instant};
 use sagad_proto::participant::v1::participant_server::{Participant, ParticipantServer};
 use sagad_proto::participant::v1::{StepCommand, StepFailure, StepReply, StepSuccess, step_reply};
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, watch};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
@@ -49,6 +51,8 @@ pub enum Reply {
     Status(tonic::Code),
     /// Never answers: the orchestrator's step timeout must fire.
     Hang,
+    /// Breaks every open connection to the participant without an answer, as a crash does.
+    BreakConnection,
 }
 
 /// An answer, given after `delay`.
@@ -90,6 +94,13 @@ impl Answer {
         }
     }
 
+    pub fn break_connection() -> Self {
+        Self {
+            delay: Duration::ZERO,
+            reply: Reply::BreakConnection,
+        }
+    }
+
     pub fn after(mut self, delay: Duration) -> Self {
         self.delay = delay;
         self
@@ -113,6 +124,8 @@ struct Shared {
     name: String,
     calls: Mutex<Vec<CallRecord>>,
     script: RwLock<Script>,
+    /// Bumped to break every connection the relay holds.
+    breaks: watch::Sender<u64>,
 }
 
 /// A running scripted participant.
@@ -142,23 +155,35 @@ impl FakeParticipant {
     pub async fn start_on(name: &str, addr: SocketAddr, script: Script) -> anyhow::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
+        let server_listener = TcpListener::bind("127.0.0.1:0").await?;
+        let server_addr = server_listener.local_addr()?;
+        let (breaks, _) = watch::channel(0);
         let shared = Arc::new(Shared {
             name: name.to_owned(),
             calls: Mutex::new(Vec::new()),
             script: RwLock::new(script),
+            breaks,
         });
         let (stop, stopped) = oneshot::channel::<()>();
+        let (stopping, stop_relay) = watch::channel(false);
         let service = ParticipantServer::new(Service {
             shared: shared.clone(),
         });
         tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(service)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                .serve_with_incoming_shutdown(TcpListenerStream::new(server_listener), async {
                     let _ = stopped.await;
+                    let _ = stopping.send(true);
                 })
                 .await;
         });
+        tokio::spawn(relay(
+            listener,
+            server_addr,
+            stop_relay,
+            shared.breaks.clone(),
+        ));
         Ok(Self {
             shared,
             addr,
@@ -214,6 +239,34 @@ impl FakeParticipant {
 impl Drop for FakeParticipant {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Accepts connections until stopped and relays each to the server; a break drops them all.
+async fn relay(
+    listener: TcpListener,
+    server_addr: SocketAddr,
+    mut stop: watch::Receiver<bool>,
+    breaks: watch::Sender<u64>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.wait_for(|stopped| *stopped) => return,
+        };
+        let Ok((mut client, _)) = accepted else {
+            continue;
+        };
+        let mut broken = breaks.subscribe();
+        tokio::spawn(async move {
+            let Ok(mut server) = TcpStream::connect(server_addr).await else {
+                return;
+            };
+            tokio::select! {
+                _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                _ = broken.changed() => {}
+            }
+        });
     }
 }
 
@@ -281,6 +334,11 @@ impl Service {
             }
             Reply::Status(code) => return Err(Status::new(code, "scripted error")),
             Reply::Hang => {
+                std::future::pending::<()>().await;
+                return Err(Status::internal("unreachable"));
+            }
+            Reply::BreakConnection => {
+                self.shared.breaks.send_modify(|breaks| *breaks += 1);
                 std::future::pending::<()>().await;
                 return Err(Status::internal("unreachable"));
             }

@@ -555,6 +555,49 @@ async fn transient_errors_are_retried_under_the_same_key() -> anyhow::Result<()>
     env.finish().await
 }
 
+#[tokio::test]
+async fn a_connection_broken_mid_call_is_retried_under_the_same_key() -> anyhow::Result<()> {
+    // charge_payment's first try never answers: the connection under it breaks, as when the
+    // participant crashes. The gRPC client makes an error of its own of that (UNKNOWN, or
+    // CANCELLED when the break comes before the call is sent), which is no refusal: the
+    // charge may have been made, so it is tried again under its key.
+    let crashing = script(|call, earlier| {
+        if is_execute(call, "charge_payment") && earlier_tries(call, earlier) == 0 {
+            Answer::break_connection()
+        } else {
+            default_answer(call)
+        }
+    });
+    let defs = fast_defs(FAST, &[])?;
+    let mut env = Env::start("broken", &defs, crashing).await?;
+    let id = env.begin("fast", order_input("c-broken")).await?;
+    let saga = env.terminal(&id).await?;
+    assert_eq!(status(&saga), SagaStatus::Completed, "{}", brief(&saga));
+    let calls = env.calls(&id);
+    let charges: Vec<&str> = calls
+        .iter()
+        .filter(|call| is_execute(call, "charge_payment"))
+        .map(|call| call.idempotency_key.as_str())
+        .collect();
+    let key = format!("{id}/charge_payment/execute");
+    assert_eq!(
+        charges,
+        [key.as_str(), key.as_str()],
+        "{:?}",
+        call_trace(&calls)
+    );
+    assert_eq!(step(&saga, "charge_payment").attempts, 2);
+    let failed: Vec<String> = saga
+        .history
+        .iter()
+        .filter(|event| event.r#type == "step_attempt_failed")
+        .map(|event| format!("{:?}", event.data))
+        .collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_history(&saga, "saga_completed");
+    env.finish().await
+}
+
 /// The contract's classification of gRPC errors.
 const CODES: [(&str, Code, bool); 9] = [
     ("UNAVAILABLE", Code::Unavailable, true),

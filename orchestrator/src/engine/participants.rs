@@ -4,6 +4,7 @@
 //! output sagad cannot keep is rejected here, as it arrives.
 
 use std::collections::BTreeMap;
+use std::error::Error as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +30,8 @@ const MAX_REPLY_BYTES: usize = 64 * 1024 * 1024;
 pub(super) const TIMED_OUT: &str = "timed out after";
 /// The code of a refusal made by sagad itself, for a call it could not send.
 const NOT_SENT: &str = "NOT_SENT";
+/// How the error of a call whose connection broke before the participant answered begins.
+const CONNECTION_LOST: &str = "the connection to the participant broke mid-call";
 
 /// A participant named in the definitions without a usable address.
 #[derive(Debug, thiserror::Error)]
@@ -143,27 +146,9 @@ impl Participants {
             Err(_) => Outcome::Transient {
                 error: format!("{TIMED_OUT} {}", humantime::format_duration(call.timeout)),
             },
-            // The channel enforces the deadline it sent as `grpc-timeout` and reports it as
-            // CANCELLED: that is our timeout, not the participant's refusal.
-            Ok(Err(status))
-                if status.code() == Code::Cancelled && started.elapsed() >= call.timeout =>
-            {
-                Outcome::Transient {
-                    error: format!("{TIMED_OUT} {}", humantime::format_duration(call.timeout)),
-                }
+            Ok(Err(status)) => {
+                classify_status(&status, started.elapsed() >= call.timeout, call.timeout)
             }
-            // Our own decoder's limit: the participant answered, with more than sagad reads.
-            Ok(Err(status))
-                if status.code() == Code::OutOfRange
-                    && status
-                        .message()
-                        .starts_with("Error, decoded message length too large") =>
-            {
-                Outcome::OutputRejected {
-                    error: format!("the reply is over {MAX_REPLY_BYTES} bytes"),
-                }
-            }
-            Ok(Err(status)) => classify_status(&status),
             Ok(Ok(reply)) => match reply.into_inner().result {
                 // A compensation's output is not kept.
                 Some(step_reply::Result::Success(_)) if call.compensate => Outcome::Success {
@@ -222,8 +207,35 @@ fn header_value(text: &str) -> MetadataValue<tonic::metadata::Ascii> {
     MetadataValue::try_from(encoded.as_str()).unwrap_or_else(|_| MetadataValue::from_static(""))
 }
 
-/// The contract: these codes mean the call may be retried; any other is a refusal.
-fn classify_status(status: &tonic::Status) -> Outcome {
+/// What a gRPC error means for the step. The contract: a participant's status of these codes
+/// means the call may be retried, any other a refusal. `out_of_time`: the step's timeout had
+/// passed when the error came.
+fn classify_status(status: &tonic::Status, out_of_time: bool, timeout: Duration) -> Outcome {
+    // The channel enforces the deadline it sent as `grpc-timeout` and reports it as
+    // CANCELLED: that is our timeout, not the participant's refusal.
+    if status.code() == Code::Cancelled && out_of_time {
+        return Outcome::Transient {
+            error: format!("{TIMED_OUT} {}", humantime::format_duration(timeout)),
+        };
+    }
+    // A CANCELLED the client made of a broken connection (it carries the transport error; a
+    // participant's own status never does): the participant crashed or restarted mid-call
+    // and may have taken the step, so the call is retried under its key.
+    if status.code() == Code::Cancelled && status.source().is_some() {
+        return Outcome::Transient {
+            error: format!("{CONNECTION_LOST} ({})", error_chain(status)),
+        };
+    }
+    // Our own decoder's limit: the participant answered, with more than sagad reads.
+    if status.code() == Code::OutOfRange
+        && status
+            .message()
+            .starts_with("Error, decoded message length too large")
+    {
+        return Outcome::OutputRejected {
+            error: format!("the reply is over {MAX_REPLY_BYTES} bytes"),
+        };
+    }
     let transient = matches!(
         status.code(),
         Code::Unavailable
@@ -244,8 +256,87 @@ fn classify_status(status: &tonic::Status) -> Outcome {
     }
 }
 
+/// A status the client made, with the transport errors under it, outermost first: `operation
+/// was canceled: connection closed`.
+fn error_chain(status: &tonic::Status) -> String {
+    let mut text = status.message().to_owned();
+    let mut source = status.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !cause.is::<tonic::Status>() && !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    storable(&text)
+}
+
 /// A participant's text as the log can keep it: without NUL characters (Postgres refuses
 /// them) and at most 1024 characters.
 fn storable(text: &str) -> String {
     document::shorten(&text.replace('\0', "\\0"), 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fmt;
+
+    use super::*;
+
+    /// A transport error the way the gRPC client wraps one: the status it stands for sits in
+    /// its source chain.
+    #[derive(Debug)]
+    struct TransportError(tonic::Status);
+
+    impl fmt::Display for TransportError {
+        fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+            formatter.write_str("connection closed")
+        }
+    }
+
+    impl std::error::Error for TransportError {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    const TIMEOUT: Duration = Duration::from_secs(5);
+
+    #[test]
+    fn a_cancelled_the_participant_sent_is_a_refusal() {
+        let sent = tonic::Status::cancelled("the handler gave up");
+        assert_eq!(
+            classify_status(&sent, false, TIMEOUT),
+            Outcome::Refused {
+                code: "GRPC_CANCELLED".to_owned(),
+                reason: "the handler gave up".to_owned(),
+            }
+        );
+    }
+
+    #[test]
+    fn a_cancelled_made_of_a_broken_connection_is_transient() {
+        let broken = tonic::Status::from_error(Box::new(TransportError(tonic::Status::cancelled(
+            "operation was canceled",
+        ))));
+        assert_eq!(broken.code(), Code::Cancelled);
+        assert_eq!(
+            classify_status(&broken, false, TIMEOUT),
+            Outcome::Transient {
+                error: format!("{CONNECTION_LOST} (operation was canceled: connection closed)"),
+            }
+        );
+    }
+
+    #[test]
+    fn a_cancelled_after_the_timeout_is_the_timeout() {
+        let late = tonic::Status::cancelled("Timeout expired");
+        assert_eq!(
+            classify_status(&late, true, TIMEOUT),
+            Outcome::Transient {
+                error: format!("{TIMED_OUT} 5s"),
+            }
+        );
+    }
 }
