@@ -2,7 +2,8 @@
 //! (here a NUL character, which the API would have refused at the edge) fails alone; the
 //! writes committed in the same batch go through. Takeover: no saga is left owned by a dead
 //! replica. Parking: a saga is let go only by its owner, under a live lease, at the version its
-//! driver read, and only when it is not due soon. On a current-thread runtime every write
+//! driver read, and only when it is not due soon. Plans: the writer's, made once, still find
+//! sagas by key in a large table. On a current-thread runtime every write
 //! below is queued before the writer task first runs, so they all land in one batch.
 
 use std::time::Duration;
@@ -244,6 +245,95 @@ async fn a_saga_is_parked_only_by_its_live_owner_at_its_version_and_not_due_soon
     ensure!(
         late == Parking::Fenced,
         "parking under an expired lease: {late:?}"
+    );
+
+    drop(writer);
+    writer_task.await.context("the writer task")?;
+    store.close().await;
+    db.drop_now().await
+}
+
+/// How the `sagas` table has been read and written, as the server's statistics have it.
+#[derive(Debug, Clone, Copy, sqlx::FromRow)]
+struct TableReads {
+    seq_scan: i64,
+    n_tup_ins: i64,
+    n_tup_upd: i64,
+}
+
+/// Reads the statistics until `settled` holds: a backend reports its counts only some seconds
+/// after its transactions, so this waits for the writer's to arrive.
+async fn table_reads_once(
+    conn: &mut sqlx::PgConnection,
+    settled: impl Fn(&TableReads) -> bool,
+) -> anyhow::Result<TableReads> {
+    let until = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let reads: TableReads = sqlx::query_as(
+            "select coalesce(seq_scan, 0) as seq_scan, n_tup_ins, n_tup_upd
+             from pg_stat_user_tables where relname = 'sagas'",
+        )
+        .fetch_one(&mut *conn)
+        .await?;
+        if settled(&reads) {
+            return Ok(reads);
+        }
+        ensure!(
+            tokio::time::Instant::now() < until,
+            "the statistics never showed the writes: {reads:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The writer's statements run on plans made once, not knowing a batch's size; in a table of
+/// thousands of sagas its updates must still find each saga by its key, not read the whole
+/// table for every batch.
+#[tokio::test(flavor = "current_thread")]
+async fn the_writer_finds_sagas_by_key_in_a_table_of_thousands() -> anyhow::Result<()> {
+    const STORED: i64 = 3000;
+    const UPDATES: i64 = 20;
+    let mut db = DatabaseGuard::new("writer_plan");
+    let store = Store::connect(&db.url(), Duration::from_secs(30)).await?;
+    let (writer, writer_task) = Writer::spawn(store.clone());
+    let replica_id = store.register_replica(Duration::from_secs(60)).await?;
+    let definition = SagaDefinition::from_toml_str(DEFINITION, "poison.toml")?;
+    let mut conn = sqlx::PgConnection::connect(&db.url()).await?;
+    sqlx::query(
+        "insert into sagas (saga_id, saga_type, definition_version, status, input, steps,
+                            version, correlation_id)
+         select gen_random_uuid(), 'poison', 1, 'COMPLETED', '{}', '[]', 1, 'stored'
+         from generate_series(1, $1)",
+    )
+    .bind(STORED)
+    .execute(&mut conn)
+    .await?;
+    sqlx::query("analyze sagas").execute(&mut conn).await?;
+    sqlx::query("select pg_stat_force_next_flush()")
+        .execute(&mut conn)
+        .await?;
+
+    let first = start(&definition, replica_id, json!({"customer_id": "c-plan"}))?;
+    let mut again = first.clone();
+    let outcome = writer.write(first).await?;
+    ensure!(outcome == WriteOutcome::Written, "the start: {outcome:?}");
+    let before = table_reads_once(&mut conn, |reads| reads.n_tup_ins > STORED).await?;
+
+    // Writes with no events: each updates the saga's row at its version, a batch of its own.
+    again.expected_version = again.projection.version;
+    again.events.clear();
+    for _ in 0..UPDATES {
+        let outcome = writer.write(again.clone()).await?;
+        ensure!(outcome == WriteOutcome::Written, "an update: {outcome:?}");
+    }
+    let after = table_reads_once(&mut conn, |reads| {
+        reads.n_tup_upd >= before.n_tup_upd + UPDATES
+    })
+    .await?;
+    ensure!(
+        after.seq_scan == before.seq_scan,
+        "{UPDATES} updates in a table of {STORED} sagas read the whole table {} times",
+        after.seq_scan - before.seq_scan
     );
 
     drop(writer);
