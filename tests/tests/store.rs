@@ -3,8 +3,8 @@
 //! writes committed in the same batch go through. Takeover: no saga is left owned by a dead
 //! replica. Parking: a saga is let go only by its owner, under a live lease, at the version its
 //! driver read, and only when it is not due soon. Plans: the writer's, made once, still find
-//! sagas by key in a large table. On a current-thread runtime every write
-//! below is queued before the writer task first runs, so they all land in one batch.
+//! sagas by key in a large table. In the group-commit test, on a current-thread runtime, every
+//! write is queued before the writer task first runs, so they all land in one batch.
 
 use std::time::Duration;
 
