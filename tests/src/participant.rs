@@ -11,7 +11,7 @@ use sagad_proto::participant::v1::participant_server::{Participant, ParticipantS
 use sagad_proto::participant::v1::{StepCommand, StepFailure, StepReply, StepSuccess, step_reply};
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
@@ -132,7 +132,8 @@ struct Shared {
 pub struct FakeParticipant {
     shared: Arc<Shared>,
     pub addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
+    /// Set to stop the server and the relay.
+    stop: watch::Sender<bool>,
 }
 
 impl FakeParticipant {
@@ -164,31 +165,25 @@ impl FakeParticipant {
             script: RwLock::new(script),
             breaks,
         });
-        let (stop, stopped) = oneshot::channel::<()>();
-        let (stopping, stop_relay) = watch::channel(false);
+        let (stop, mut stopped) = watch::channel(false);
         let service = ParticipantServer::new(Service {
             shared: shared.clone(),
         });
         tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(service)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(server_listener), async {
-                    let _ = stopped.await;
-                    let _ = stopping.send(true);
+                .serve_with_incoming_shutdown(TcpListenerStream::new(server_listener), async move {
+                    let _ = stopped.wait_for(|stopped| *stopped).await;
                 })
                 .await;
         });
         tokio::spawn(relay(
             listener,
             server_addr,
-            stop_relay,
+            stop.subscribe(),
             shared.breaks.clone(),
         ));
-        Ok(Self {
-            shared,
-            addr,
-            stop: Some(stop),
-        })
+        Ok(Self { shared, addr, stop })
     }
 
     /// The URI sagad's `--participant NAME=URI` takes.
@@ -230,9 +225,7 @@ impl FakeParticipant {
 
     /// Stops serving (connections are refused afterwards); the record of calls stays.
     pub fn stop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
+        self.stop.send_replace(true);
     }
 }
 

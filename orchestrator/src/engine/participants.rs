@@ -143,9 +143,7 @@ impl Participants {
             tokio::time::timeout(call.timeout, client.execute(request)).await
         };
         Some(match reply {
-            Err(_) => Outcome::Transient {
-                error: format!("{TIMED_OUT} {}", humantime::format_duration(call.timeout)),
-            },
+            Err(_) => timed_out(call.timeout),
             Ok(Err(status)) => {
                 classify_status(&status, started.elapsed() >= call.timeout, call.timeout)
             }
@@ -214,9 +212,7 @@ fn classify_status(status: &tonic::Status, out_of_time: bool, timeout: Duration)
     // The channel enforces the deadline it sent as `grpc-timeout` and reports it as
     // CANCELLED: that is our timeout, not the participant's refusal.
     if status.code() == Code::Cancelled && out_of_time {
-        return Outcome::Transient {
-            error: format!("{TIMED_OUT} {}", humantime::format_duration(timeout)),
-        };
+        return timed_out(timeout);
     }
     // A CANCELLED the client made of a broken connection (it carries the transport error; a
     // participant's own status never does): the participant crashed or restarted mid-call
@@ -253,6 +249,13 @@ fn classify_status(status: &tonic::Status, out_of_time: bool, timeout: Duration)
             code: format!("GRPC_{:?}", status.code()).to_uppercase(),
             reason: storable(status.message()),
         }
+    }
+}
+
+/// The outcome of a call that ran out of time.
+fn timed_out(timeout: Duration) -> Outcome {
+    Outcome::Transient {
+        error: format!("{TIMED_OUT} {}", humantime::format_duration(timeout)),
     }
 }
 

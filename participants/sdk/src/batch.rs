@@ -6,10 +6,9 @@
 //! on each other's step locks in a circle), then reads every key it needs and sets its first
 //! savepoint, all in one round trip; runs each command's handler inside a savepoint (a refusal
 //! or an error rolls back that command's writes only), records every key in one insert, and
-//! commits. Each command
-//! is answered after the commit. A failing `COMMIT` (or any statement outside a savepoint)
-//! fails every command of the batch with `UNAVAILABLE`: none of them took effect, and the
-//! orchestrator sends them again with the same keys.
+//! commits. Each command is answered after the commit. A failing `COMMIT` (or any statement
+//! outside a savepoint) fails every command of the batch with `UNAVAILABLE`: none of them took
+//! effect, and the orchestrator sends them again with the same keys.
 //!
 //! A batch runs in a task of its own, which the RPCs only wait for: a caller that goes away
 //! stops nothing (see [`crate::service`]). When the participant is idle a command is a batch of
