@@ -457,7 +457,12 @@ impl Api {
         // One more than asked tells whether another page follows.
         let events = self
             .engine
-            .history_page(record.saga_id, after, page_size + 1)
+            .history_page(
+                record.saga_id,
+                after,
+                record.projection.version,
+                page_size + 1,
+            )
             .await?;
         let mut more = events.len() > page_size as usize;
         let mut saga = self.saga_message(record);

@@ -3,8 +3,9 @@
 //! writes committed in the same batch go through. Takeover: no saga is left owned by a dead
 //! replica. Parking: a saga is let go only by its owner, under a live lease, at the version its
 //! driver read, and only when it is not due soon. Plans: the writer's, made once, still find
-//! sagas by key in a large table. In the group-commit test, on a current-thread runtime, every
-//! write is queued before the writer task first runs, so they all land in one batch.
+//! sagas by key in a large table. History: a read up to a version stops there. In the
+//! group-commit test, on a current-thread runtime, every write is queued before the writer task
+//! first runs, so they all land in one batch.
 
 use std::time::Duration;
 
@@ -105,6 +106,77 @@ async fn a_poison_write_fails_alone_and_the_writes_beside_it_commit() -> anyhow:
     ensure!(
         store.get_saga(poison_id).await?.is_none(),
         "the poison saga was recorded"
+    );
+
+    drop(writer);
+    writer_task.await.context("the writer task")?;
+    store.close().await;
+    db.drop_now().await
+}
+
+/// A history read up to a version returns the events that version reflects and none after,
+/// so an answer pairs a row read first with its own events even when the saga moved on between
+/// the two reads.
+#[tokio::test(flavor = "current_thread")]
+async fn a_history_read_up_to_a_version_stops_there() -> anyhow::Result<()> {
+    let mut db = DatabaseGuard::new("history_through");
+    let store = Store::connect(&db.url(), Duration::from_secs(30)).await?;
+    let (writer, writer_task) = Writer::spawn(store.clone());
+    let replica_id = store.register_replica(Duration::from_secs(60)).await?;
+    let definition = SagaDefinition::from_toml_str(DEFINITION, "poison.toml")?;
+
+    let first = start(&definition, replica_id, json!({"customer_id": "c-1"}))?;
+    let saga_id = first.saga_id;
+    let mut saga = Saga::started(
+        saga_id,
+        first.events.first().context("a start has its event")?,
+    )?;
+    let mut projection = first.projection.clone();
+    ensure!(matches!(writer.write(first).await?, WriteOutcome::Written));
+    let events = saga.cancel("the test cancels", chrono::Utc::now())?;
+    let started_at = saga.version;
+    for event in &events {
+        saga.apply(event)?;
+    }
+    projection.status = saga.status();
+    projection.steps = saga.step_views();
+    projection.version = saga.version;
+    let moved_on = SagaWrite {
+        saga_id,
+        expected_version: started_at,
+        replica_id,
+        fence: Fence::Request,
+        events,
+        projection,
+    };
+    ensure!(matches!(
+        writer.write(moved_on).await?,
+        WriteOutcome::Written
+    ));
+    ensure!(saga.version > started_at, "the cancel appended nothing");
+
+    let seqs = |events: Vec<sagad::store::EventRecord>| -> Vec<u64> {
+        events.iter().map(|event| event.seq).collect()
+    };
+    let up_to_start = store.history_after(saga_id, 0, started_at, None).await?;
+    ensure!(
+        seqs(up_to_start.clone()) == (1..=started_at).collect::<Vec<_>>(),
+        "up to version {started_at}: {:?}",
+        seqs(up_to_start)
+    );
+    let whole = store.history_after(saga_id, 0, u64::MAX, None).await?;
+    ensure!(
+        seqs(whole.clone()) == (1..=saga.version).collect::<Vec<_>>(),
+        "the whole history: {:?}",
+        seqs(whole)
+    );
+    let after_start = store
+        .history_after(saga_id, started_at, saga.version, Some(1))
+        .await?;
+    ensure!(
+        seqs(after_start.clone()) == vec![started_at + 1],
+        "one event after the start: {:?}",
+        seqs(after_start)
     );
 
     drop(writer);

@@ -32,21 +32,22 @@ const STORE_RETRY_DELAY: Duration = Duration::from_secs(1);
 /// With it, a saga with its history stays within the 4 MiB a gRPC client reads by default.
 pub(super) const MAX_CONTEXT_BYTES: usize = 1024 * 1024;
 
-/// Drives `saga` until it ends, this replica lets it go, or sagad stops. `written` is kept at
-/// the newest version this driver knows of, raised before each of its writes is sent: a
-/// long-poll for a version beyond it has nothing to read yet (see `Engine::get_saga`).
+/// Drives `saga` until it ends, this replica lets it go, or sagad stops. `stored` is kept at
+/// the newest version this driver knows to be in the database (committed or read): a
+/// long-poll for a later one is answered by this driver's commit, or has nothing to read yet
+/// (see `Engine::get_saga`).
 pub(super) async fn drive(
     engine: &Engine,
     mut saga: Saga,
     bell: &Notify,
     tenure: &Tenure,
-    written: &AtomicU64,
+    stored: &AtomicU64,
 ) {
     let shutdown = &engine.inner.shutdown;
     let lost = &tenure.lost;
-    written.store(saga.version, Ordering::SeqCst);
+    stored.store(saga.version, Ordering::SeqCst);
     loop {
-        written.fetch_max(saga.version, Ordering::SeqCst);
+        stored.fetch_max(saga.version, Ordering::SeqCst);
         if shutdown.is_cancelled() || lost.is_cancelled() {
             return;
         }
@@ -158,7 +159,7 @@ pub(super) async fn drive(
                     // Abandoned for a cancel: the attempt is counted, its outcome unknown.
                     let reason = saga.failure_reason.clone().unwrap_or_default();
                     if let Some(event) = saga.interrupted(command, &reason) {
-                        match commit(engine, &saga, vec![event], tenure, written).await {
+                        match commit(engine, &saga, vec![event], tenure, stored).await {
                             Some(next) => saga = next,
                             None => return,
                         }
@@ -172,7 +173,7 @@ pub(super) async fn drive(
                 saga.record_outcome(command, outcome, Utc::now(), fastrand::f64())
             }
         };
-        match commit(engine, &saga, events, tenure, written).await {
+        match commit(engine, &saga, events, tenure, stored).await {
             Some(next) => saga = next,
             None => return,
         }
@@ -269,7 +270,7 @@ async fn commit(
     saga: &Saga,
     events: Vec<Event>,
     tenure: &Tenure,
-    written: &AtomicU64,
+    stored: &AtomicU64,
 ) -> Option<Saga> {
     let replica_id = tenure.replica_id;
     let unlogged = saga.keeps_out_of_log(&events);
@@ -295,9 +296,9 @@ async fn commit(
         projection: projection(&next),
     };
     let events_written = write.events.clone();
-    written.fetch_max(next.version, Ordering::SeqCst);
     match engine.inner.writer.write(write).await {
         Ok(WriteOutcome::Written) => {
+            stored.fetch_max(next.version, Ordering::SeqCst);
             if next.status().is_terminal() {
                 metrics::counter!(
                     "sagad_sagas_finished_total",

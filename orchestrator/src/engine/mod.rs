@@ -134,9 +134,9 @@ struct Inner {
 struct Driven {
     bell: Arc<Notify>,
     replica_id: Uuid,
-    /// The newest version its driver knows of or is writing; `u64::MAX` until it has read the
-    /// saga.
-    written: Arc<AtomicU64>,
+    /// The newest version its driver knows to be in the database; `u64::MAX` until it has
+    /// read the saga.
+    stored: Arc<AtomicU64>,
 }
 
 impl Engine {
@@ -301,10 +301,11 @@ impl Engine {
         let deadline = tokio::time::Instant::now() + wait;
         // Waiting from before the first read: a commit between the two is not missed.
         let mut commit = self.inner.writer.wait_for(saga_id, min_version);
-        // A version this replica's driver has not yet begun to write cannot be in the database
-        // (short of a request recorded by another replica, which the tick below covers): the
-        // first read is skipped, and the commit that brings the version answers the wait.
-        let mut read_first = !self.driven_below(saga_id, min_version);
+        // A version this replica's driver has not yet stored cannot be in the database (short of
+        // a request recorded by another replica, which the driver reads when its own write of
+        // that version is refused, or when it is told): the read is skipped, and the commit that
+        // brings the version answers the wait.
+        let mut read_first = !self.awaits_own_write(saga_id, min_version);
         let mut timed_out = false;
         loop {
             if read_first || timed_out {
@@ -323,8 +324,9 @@ impl Engine {
             }
             // Answered by this instance's commits; the short tick covers writes by other
             // instances, so it reads only when this replica's driver is not the one to write
-            // the version (it is not driving the saga, or has begun that write). At shutdown the
-            // wait ends at once: the client is told to ask another replica.
+            // the version (it is not driving the saga, or knows the version to be stored by
+            // someone else). At shutdown the wait ends at once: the client is told to ask
+            // another replica.
             if self.inner.shutdown.is_cancelled() {
                 return Err(EngineError::ShuttingDown);
             }
@@ -339,7 +341,7 @@ impl Engine {
             .await;
             match woken {
                 Ok(Some(record)) => return Ok(record),
-                Ok(None) => read_first = !self.driven_below(saga_id, min_version),
+                Ok(None) => read_first = !self.awaits_own_write(saga_id, min_version),
                 Err(_) => timed_out = true,
             }
         }
@@ -354,13 +356,13 @@ impl Engine {
             .ok_or(EngineError::NotFound(saga_id))
     }
 
-    /// Whether this replica drives the saga and its driver has not yet begun to write
-    /// `version`.
-    fn driven_below(&self, saga_id: Uuid, version: u64) -> bool {
+    /// Whether this replica drives the saga and its driver does not know `version` to be in
+    /// the database yet: it is writing it (its commit will answer) or has not got there.
+    fn awaits_own_write(&self, saga_id: Uuid, version: u64) -> bool {
         self.inner.drivers.lock().is_ok_and(|drivers| {
             drivers
                 .get(&saga_id)
-                .is_some_and(|driven| driven.written.load(Ordering::SeqCst) < version)
+                .is_some_and(|driven| driven.stored.load(Ordering::SeqCst) < version)
         })
     }
 
@@ -391,17 +393,20 @@ impl Engine {
         })
     }
 
-    /// Up to `limit` events of the saga's history after seq `after`, in order.
+    /// Up to `limit` events of the saga's history after seq `after` and up to seq `through`
+    /// (the version of the row an answer shows, so that the two agree even when the saga moved
+    /// on between the reads), in order.
     pub async fn history_page(
         &self,
         saga_id: Uuid,
         after: u64,
+        through: u64,
         limit: u32,
     ) -> Result<Vec<EventRecord>, EngineError> {
         Ok(self
             .inner
             .store
-            .history_after(saga_id, after, Some(limit))
+            .history_after(saga_id, after, through, Some(limit))
             .await?)
     }
 
@@ -694,7 +699,7 @@ impl Engine {
             return;
         }
         let bell = Arc::new(Notify::new());
-        let written = Arc::new(AtomicU64::new(known_version));
+        let stored = Arc::new(AtomicU64::new(known_version));
         {
             let Ok(mut drivers) = self.inner.drivers.lock() else {
                 return;
@@ -710,7 +715,7 @@ impl Engine {
                 Driven {
                     bell: bell.clone(),
                     replica_id: tenure.replica_id,
-                    written: written.clone(),
+                    stored: stored.clone(),
                 },
             );
         }
@@ -722,7 +727,7 @@ impl Engine {
             async move {
                 if let Some(saga) = saga.await {
                     tracing::Span::current().record("correlation_id", saga.correlation_id.as_str());
-                    driver::drive(&engine, saga, &bell, &tenure, &written).await;
+                    driver::drive(&engine, saga, &bell, &tenure, &stored).await;
                 }
                 if let Ok(mut drivers) = engine.inner.drivers.lock()
                     && drivers

@@ -118,7 +118,12 @@ impl Engine {
         let mut read_now = true;
         while !ended && events.receiver_count() > 0 {
             if read_now {
-                match self.inner.store.history_after(saga_id, last, None).await {
+                match self
+                    .inner
+                    .store
+                    .history_after(saga_id, last, u64::MAX, None)
+                    .await
+                {
                     Ok(new) => {
                         for event in new {
                             last = event.seq;
@@ -186,7 +191,12 @@ impl Engine {
                 // A gap, a lag, or a hub that stopped (it ends with the saga or at shutdown):
                 // the log has it all.
                 Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                    match self.inner.store.history_after(saga_id, last, None).await {
+                    match self
+                        .inner
+                        .store
+                        .history_after(saga_id, last, u64::MAX, None)
+                        .await
+                    {
                         Ok(events) => events,
                         Err(error) => {
                             let _ = sender.send(Err(error.into())).await;
@@ -195,7 +205,11 @@ impl Engine {
                     }
                 }
                 Err(broadcast::error::RecvError::Closed) => {
-                    let caught_up = self.inner.store.history_after(saga_id, last, None).await;
+                    let caught_up = self
+                        .inner
+                        .store
+                        .history_after(saga_id, last, u64::MAX, None)
+                        .await;
                     match caught_up {
                         Ok(events) if events.iter().any(|e| is_terminal(&e.event_type)) => events,
                         Ok(events) => {

@@ -706,15 +706,17 @@ impl Store {
 
     /// A saga's history as clients see it.
     pub async fn history(&self, saga_id: Uuid) -> Result<Vec<EventRecord>> {
-        self.history_after(saga_id, 0, None).await
+        self.history_after(saga_id, 0, u64::MAX, None).await
     }
 
-    /// The events of a saga's history after seq `after`, in order; at most `limit` of them, so
-    /// that one answer never has to read a long history whole.
+    /// The events of a saga's history after seq `after` and up to seq `through`, in order; at
+    /// most `limit` of them, so that one answer never has to read a long history whole. The
+    /// bound lets an answer pair a row read earlier with exactly the events it reflects.
     pub async fn history_after(
         &self,
         saga_id: Uuid,
         after: u64,
+        through: u64,
         limit: Option<u32>,
     ) -> Result<Vec<EventRecord>> {
         let rows = bounded(
@@ -722,9 +724,10 @@ impl Store {
             CALL_TIMEOUT,
             sqlx::query!(
                 r#"select seq, event_type, step, data, recorded_at from saga_events
-                   where saga_id = $1 and seq > $2 order by seq limit $3"#,
+                   where saga_id = $1 and seq > $2 and seq <= $3 order by seq limit $4"#,
                 saga_id,
                 to_i64(after),
+                to_i64(through),
                 limit.map(i64::from),
             )
             .fetch_all(&self.pool),
