@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use crate::document::{self, shorten};
 use crate::engine::{Engine, EngineError, StartRequest};
-use crate::saga::{CannotRetry, SagaStatus, StepStatus, context_of};
+use crate::saga::{CannotRetry, Context, SagaStatus, StepStatus};
 use crate::store::{EventRecord, ListCursor, ListFilter, SagaRecord, StoreError};
 use sagad_telemetry::trace;
 
@@ -495,7 +495,7 @@ fn saga_message(record: &SagaRecord, stuck: bool) -> pb::Saga {
             attempts: step.attempts,
             compensation_attempts: step.compensation_attempts,
             last_error: step.last_error.clone().unwrap_or_default(),
-            output: step.output.as_ref().and_then(document::to_struct),
+            output: step.output.as_deref().and_then(document::to_struct),
             next_attempt_at: step.next_attempt_at.map(timestamp),
         })
         .collect();
@@ -505,14 +505,14 @@ fn saga_message(record: &SagaRecord, stuck: bool) -> pb::Saga {
         definition_version: projection.definition_version,
         status: saga_status_to_wire(projection.status).into(),
         input: document::to_struct(&projection.input),
-        context: document::to_struct(&context_of(
+        context: Some(document::context_struct(&Context::new(
             &projection.input,
             projection.steps.iter().filter_map(|step| {
                 step.output
-                    .as_ref()
+                    .as_deref()
                     .map(|output| (step.name.as_str(), output))
             }),
-        )),
+        ))),
         failure_reason: projection.failure_reason.clone().unwrap_or_default(),
         steps,
         version: projection.version,

@@ -11,6 +11,8 @@ use pbjson_types::value::Kind;
 use pbjson_types::{ListValue, Struct, Value as WireValue};
 use serde_json::{Map, Number, Value};
 
+use crate::saga::Context;
+
 /// The largest magnitude of a number accepted: beyond 2^53 a double no longer holds every
 /// integer, so the number a client meant is not the number it sent.
 pub const MAX_EXACT_NUMBER: f64 = 9_007_199_254_740_992.0;
@@ -41,9 +43,24 @@ pub fn check(document: &Value, root: &str) -> Result<(), DocumentError> {
     check_value(document, root, 0)
 }
 
-/// The size of a document as stored (compact JSON), in bytes.
-pub fn size_of(document: &Value) -> usize {
-    serde_json::to_vec(document).map_or(usize::MAX, |bytes| bytes.len())
+/// The size of a document as stored (compact JSON), in bytes; counted, not written out.
+pub fn size_of(document: &impl serde::Serialize) -> usize {
+    /// Counts the bytes written to it.
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 = self.0.saturating_add(bytes.len());
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    match serde_json::to_writer(&mut counter, document) {
+        Ok(()) => counter.0,
+        Err(_) => usize::MAX,
+    }
 }
 
 /// Refuses a document larger than `limit` bytes as compact JSON.
@@ -69,6 +86,28 @@ pub fn to_struct(document: &Value) -> Option<Struct> {
             fields.insert("value".to_owned(), other.clone());
             Some(struct_of(&fields))
         }
+    }
+}
+
+/// A saga's context as a `Struct`, made straight from the saga's documents.
+pub fn context_struct(context: &Context<'_>) -> Struct {
+    let steps = Struct {
+        fields: context
+            .outputs
+            .iter()
+            .map(|(name, output)| ((*name).to_owned(), to_wire(output)))
+            .collect(),
+    };
+    Struct {
+        fields: HashMap::from([
+            ("input".to_owned(), to_wire(context.input)),
+            (
+                "steps".to_owned(),
+                WireValue {
+                    kind: Some(Kind::StructValue(steps)),
+                },
+            ),
+        ]),
     }
 }
 
@@ -267,6 +306,26 @@ mod tests {
 
     fn wire(value: Value) -> Struct {
         to_struct(&value).unwrap_or_default()
+    }
+
+    #[test]
+    fn a_context_converts_and_counts_as_its_json_does() {
+        let input =
+            json!({"customer_id": "c1", "items": [{"sku": "A-1", "qty": 2}], "note": "é\"\n"});
+        let (first, second) = (json!({"order_id": 7}), json!({"charge": {"amount": 12.5}}));
+        let context = Context::new(&input, [("create_order", &first), ("charge", &second)]);
+        let as_json = serde_json::to_value(&context).unwrap_or_default();
+        assert_eq!(
+            as_json,
+            json!({"input": input, "steps": {"create_order": first, "charge": second}})
+        );
+        assert_eq!(Some(context_struct(&context)), to_struct(&as_json));
+        let written = serde_json::to_vec(&context).unwrap_or_default();
+        assert_eq!(size_of(&context), written.len());
+        assert_eq!(
+            size_of(&Context::new(&Value::Null, [])),
+            br#"{"input":null,"steps":{}}"#.len()
+        );
     }
 
     fn number(value: f64) -> WireValue {

@@ -7,6 +7,7 @@
 //! group-commit test, on a current-thread runtime, every write is queued before the writer task
 //! first runs, so they all land in one batch.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
@@ -33,10 +34,11 @@ action = "Do"
 /// The first write of a new saga with this input, as the engine makes it.
 fn start(definition: &SagaDefinition, replica_id: Uuid, input: Value) -> anyhow::Result<SagaWrite> {
     let saga_id = Uuid::now_v7();
+    let input = Arc::new(input);
     let event = Event::SagaStarted {
         saga_type: definition.name.clone(),
-        definition: Box::new(definition.clone()),
-        input: input.clone(),
+        definition: Arc::new(definition.clone()),
+        input: Arc::clone(&input),
         correlation_id: saga_id.to_string(),
         idempotency_key: String::new(),
         trace_parent: None,

@@ -216,7 +216,7 @@ fn prepare_call(saga: &Saga, command: Command) -> Call {
             action,
             idempotency_key: saga.idempotency_key(command),
             attempt: command.attempt,
-            input: document::to_struct(&saga.context()),
+            input: Some(document::context_struct(&saga.context())),
             correlation_id: saga.correlation_id.clone(),
         },
     }

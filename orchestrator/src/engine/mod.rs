@@ -218,8 +218,8 @@ impl Engine {
         };
         let started = Event::SagaStarted {
             saga_type: request.saga_type.clone(),
-            definition: Box::new((*definition).clone()),
-            input: request.input.clone(),
+            definition: Arc::clone(&definition),
+            input: Arc::new(request.input.clone()),
             correlation_id,
             idempotency_key: key.clone(),
             trace_parent: request.trace_parent.clone(),

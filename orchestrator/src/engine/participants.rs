@@ -121,14 +121,13 @@ impl Participants {
         if !may_send() {
             return None;
         }
-        let mut request = Request::new(call.command.clone());
+        let saga_id = header_value(&call.command.saga_id);
+        let correlation_id = header_value(&call.command.correlation_id);
+        let mut request = Request::new(call.command);
         request.set_timeout(call.timeout);
         let metadata = request.metadata_mut();
-        metadata.insert("x-saga-id", header_value(&call.command.saga_id));
-        metadata.insert(
-            "x-correlation-id",
-            header_value(&call.command.correlation_id),
-        );
+        metadata.insert("x-saga-id", saga_id);
+        metadata.insert("x-correlation-id", correlation_id);
         if let Some(traceparent) = &call.traceparent {
             metadata.insert(
                 sagad_telemetry::trace::TRACEPARENT,

@@ -1,6 +1,8 @@
 //! The events of a saga's log. They are the truth: a saga's state is the fold of its events, so
 //! an event says what happened, never what to do next.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -17,8 +19,8 @@ pub enum Event {
     /// running saga.
     SagaStarted {
         saga_type: String,
-        definition: Box<SagaDefinition>,
-        input: Value,
+        definition: Arc<SagaDefinition>,
+        input: Arc<Value>,
         correlation_id: String,
         idempotency_key: String,
         /// The W3C `traceparent` every span of the saga descends from, so its trace goes on
@@ -29,7 +31,7 @@ pub enum Event {
     StepSucceeded {
         step: String,
         attempt: u32,
-        output: Value,
+        output: Arc<Value>,
     },
     /// A business refusal: the step took no effect and is not compensated.
     StepRefused {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use uuid::Uuid;
 
 use crate::definition::{RetryPolicy, SagaDefinition, StepDefinition};
@@ -76,7 +76,8 @@ pub struct StepState {
     pub attempts: u32,
     pub compensation_attempts: u32,
     pub last_error: Option<String>,
-    pub output: Option<Value>,
+    /// Shared with the read model and the copies the engine makes of the saga, not copied.
+    pub output: Option<Arc<Value>>,
     /// The durable timer of the next attempt (forward or compensation).
     pub retry_at: Option<DateTime<Utc>>,
     /// The step may have taken effect and has a compensation to undo it.
@@ -130,7 +131,8 @@ pub struct StepView {
     pub attempts: u32,
     pub compensation_attempts: u32,
     pub last_error: Option<String>,
-    pub output: Option<Value>,
+    /// Shared with the read model and the copies the engine makes of the saga, not copied.
+    pub output: Option<Arc<Value>>,
     /// When the next attempt is due, while a retry waits.
     #[serde(default)]
     pub next_attempt_at: Option<DateTime<Utc>>,
@@ -150,7 +152,8 @@ pub struct Saga {
     pub id: Uuid,
     pub saga_type: String,
     pub definition: Arc<SagaDefinition>,
-    pub input: Value,
+    /// Shared with the read model and the copies the engine makes of the saga, not copied.
+    pub input: Arc<Value>,
     pub correlation_id: String,
     pub idempotency_key: String,
     /// The W3C `traceparent` the saga's spans descend from.
@@ -286,8 +289,8 @@ impl Saga {
         Ok(Saga {
             id,
             saga_type: saga_type.clone(),
-            definition: Arc::new((**definition).clone()),
-            input: input.clone(),
+            definition: Arc::clone(definition),
+            input: Arc::clone(input),
             correlation_id: correlation_id.clone(),
             idempotency_key: idempotency_key.clone(),
             trace_parent: trace_parent.clone(),
@@ -338,7 +341,7 @@ impl Saga {
                 let step = &mut self.steps[k];
                 step.status = StepStatus::Succeeded;
                 step.attempts = *attempt;
-                step.output = Some(output.clone());
+                step.output = Some(Arc::clone(output));
                 step.retry_at = None;
                 step.failing_since = None;
                 step.needs_compensation = has_compensation;
@@ -632,7 +635,7 @@ impl Saga {
             (CommandKind::Execute, Outcome::Success { output }) => Event::StepSucceeded {
                 step,
                 attempt,
-                output,
+                output: Arc::new(output),
             },
             (CommandKind::Execute, Outcome::Refused { code, reason }) => Event::StepRefused {
                 step,
@@ -775,8 +778,8 @@ impl Saga {
     }
 
     /// The document a participant receives: `{"input": …, "steps": {<step>: <output>}}`.
-    pub fn context(&self) -> Value {
-        context_of(
+    pub fn context(&self) -> Context<'_> {
+        Context::new(
             &self.input,
             self.definition
                 .steps
@@ -784,7 +787,7 @@ impl Saga {
                 .zip(&self.steps)
                 .filter_map(|(definition, step)| {
                     step.output
-                        .as_ref()
+                        .as_deref()
                         .map(|output| (definition.name.as_str(), output))
                 }),
         )
@@ -915,17 +918,42 @@ impl Saga {
     }
 }
 
-/// A saga's context from its input and the outputs of its steps that have one: the read model
-/// keeps those, and builds the context when it is read.
-pub fn context_of<'a>(
-    input: &Value,
-    outputs: impl IntoIterator<Item = (&'a str, &'a Value)>,
-) -> Value {
-    let steps: Map<String, Value> = outputs
-        .into_iter()
-        .map(|(name, output)| (name.to_owned(), output.clone()))
-        .collect();
-    serde_json::json!({ "input": input, "steps": steps })
+/// A saga's context, `{"input": …, "steps": {<step>: <output>}}`, from its input and the
+/// outputs of its steps that have one: the read model keeps those, and the context is made when
+/// a call or an answer needs it. Borrowed, so that it is serialized or converted straight from
+/// the saga's documents, never copied into a tree of its own first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Context<'a> {
+    pub input: &'a Value,
+    /// In the definition's order; a step's name appears once.
+    pub outputs: Vec<(&'a str, &'a Value)>,
+}
+
+impl<'a> Context<'a> {
+    pub fn new(input: &'a Value, outputs: impl IntoIterator<Item = (&'a str, &'a Value)>) -> Self {
+        Self {
+            input,
+            outputs: outputs.into_iter().collect(),
+        }
+    }
+}
+
+impl Serialize for Context<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+
+        struct Outputs<'s, 'a>(&'s [(&'a str, &'a Value)]);
+        impl Serialize for Outputs<'_, '_> {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.collect_map(self.0.iter().copied())
+            }
+        }
+
+        let mut map = serializer.serialize_map(Some(2))?;
+        map.serialize_entry("input", self.input)?;
+        map.serialize_entry("steps", &Outputs(&self.outputs))?;
+        map.end()
+    }
 }
 
 /// The time of the next attempt after `failed_attempt`, or `None` when the policy allows no more.

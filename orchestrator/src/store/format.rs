@@ -18,9 +18,9 @@ use crate::saga::Event;
 /// The format this release writes.
 pub const LOG_FORMAT: i16 = 1;
 
-/// An event as stored.
-pub(super) fn encode_event(event: &Event) -> Result<Value, serde_json::Error> {
-    serde_json::to_value(event)
+/// An event as stored: its JSON text.
+pub(super) fn encode_event(event: &Event) -> Result<String, serde_json::Error> {
+    serde_json::to_string(event)
 }
 
 /// A stored event, in the format it was written in.

@@ -154,7 +154,7 @@ pub struct Projection {
     pub saga_type: String,
     pub definition_version: u32,
     pub status: SagaStatus,
-    pub input: Value,
+    pub input: Arc<Value>,
     /// Each step's output is here; the context a participant receives is built from the input
     /// and them when it is needed, not stored.
     pub steps: Vec<StepView>,
@@ -429,30 +429,17 @@ impl Store {
     /// Either every write of the batch is committed, or none. A written one comes back with
     /// what the database set in its row, so the row is known without reading it.
     pub async fn write_batch(&self, writes: &[SagaWrite]) -> Result<Vec<Result<BatchOutcome>>> {
-        let mut encoded: Vec<Option<Vec<Value>>> = Vec::with_capacity(writes.len());
+        let mut ready = Vec::with_capacity(writes.len());
         let mut failed: Vec<Option<StoreError>> = Vec::with_capacity(writes.len());
         for write in writes {
-            match write
-                .events
-                .iter()
-                .map(format::encode_event)
-                .collect::<Result<Vec<_>, _>>()
-            {
-                Ok(events) => {
-                    encoded.push(Some(events));
+            match EncodedWrite::of(write) {
+                Ok(encoded) => {
+                    ready.push(encoded);
                     failed.push(None);
                 }
-                Err(error) => {
-                    encoded.push(None);
-                    failed.push(Some(StoreError::Encode(Arc::new(error))));
-                }
+                Err(error) => failed.push(Some(StoreError::Encode(Arc::new(error)))),
             }
         }
-        let ready: Vec<(&SagaWrite, Vec<Value>)> = writes
-            .iter()
-            .zip(encoded)
-            .filter_map(|(write, events)| events.map(|events| (write, events)))
-            .collect();
         let outcomes = if ready.is_empty() {
             Vec::new()
         } else {
@@ -478,26 +465,19 @@ impl Store {
     /// updated (each only at the version its writer read, and a driver's only while it owns the
     /// saga under a live lease), the events of those that passed appended, and the replicas
     /// told what was appended (and which sagas a request changed), in a few notifications.
-    async fn commit_batch(&self, ready: &[(&SagaWrite, Vec<Value>)]) -> Result<Vec<BatchOutcome>> {
-        let writes: Vec<&SagaWrite> = ready.iter().map(|(write, _)| *write).collect();
-        let starts: Vec<&SagaWrite> = writes
+    async fn commit_batch(&self, ready: &[EncodedWrite<'_>]) -> Result<Vec<BatchOutcome>> {
+        let writes: Vec<&SagaWrite> = ready.iter().map(|encoded| encoded.write).collect();
+        let (starts, mut updates): (Vec<&EncodedWrite>, Vec<&EncodedWrite>) = ready
             .iter()
-            .copied()
-            .filter(|w| w.expected_version == 0)
-            .collect();
-        let mut updates: Vec<&SagaWrite> = writes
-            .iter()
-            .copied()
-            .filter(|w| w.expected_version > 0)
-            .collect();
+            .partition(|encoded| encoded.write.expected_version == 0);
         // One lock order for every batch, so concurrent batches cannot deadlock.
-        updates.sort_by_key(|w| w.saga_id);
+        updates.sort_by_key(|encoded| encoded.write.saga_id);
 
-        let new = ProjectionColumns::of(&starts);
-        let moved = ProjectionColumns::of(&updates);
+        let new = StartColumns::of(&starts);
+        let moved = RowColumns::of(&updates);
         let mut events = EventColumns::default();
-        for (write, encoded) in ready {
-            events.push(write, encoded);
+        for encoded in ready {
+            events.push(encoded);
         }
         let requested: Vec<Uuid> = writes
             .iter()
@@ -510,13 +490,14 @@ impl Store {
                 insert into sagas (saga_id, saga_type, definition_version, status, input, steps,
                                    failure_reason, version, correlation_id, idempotency_key, wake_at, owner,
                                    failing_since)
-                select n.saga_id, n.saga_type, n.definition_version, n.status, n.input, n.steps,
+                select n.saga_id, n.saga_type, n.definition_version, n.status, n.input::jsonb,
+                       n.steps::jsonb,
                        n.failure_reason, n.version, n.correlation_id, n.idempotency_key, n.wake_at,
                        -- No owner unless its replica is alive: see reap_dead_replicas.
                        (select r.replica_id from replicas r
                         where r.replica_id = n.owner and r.lease_expires_at > clock_timestamp()),
                        n.failing_since
-                from unnest($1::uuid[], $2::text[], $3::int4[], $4::text[], $5::jsonb[], $6::jsonb[],
+                from unnest($1::uuid[], $2::text[], $3::int4[], $4::text[], $5::text[], $6::text[],
                             $7::text[], $8::int8[], $9::text[], $10::text[], $11::timestamptz[],
                             $12::uuid[], $13::timestamptz[])
                      as n(saga_id, saga_type, definition_version, status, input, steps,
@@ -527,14 +508,14 @@ impl Store {
             ),
             moved as (
                 update sagas as s
-                set status = u.status, context = null, steps = u.steps,
+                set status = u.status, context = null, steps = u.steps::jsonb,
                     failure_reason = u.failure_reason, version = u.version,
                     -- A saga due before and due still keeps its time, so that going from step
                     -- to step changes no indexed column: a HOT update.
                     wake_at = case when u.wake_at <= now() and s.wake_at <= now() then s.wake_at
                                    else u.wake_at end,
                     failing_since = u.failing_since, updated_at = now()
-                from unnest($14::uuid[], $15::int8[], $16::text[], $17::jsonb[], $18::text[],
+                from unnest($14::uuid[], $15::int8[], $16::text[], $17::text[], $18::text[],
                             $19::int8[], $20::timestamptz[], $21::uuid[], $22::bool[], $23::timestamptz[])
                     as u(saga_id, expected_version, status, steps, failure_reason, version, wake_at,
                          writer_id, owner_only, failing_since)
@@ -559,8 +540,8 @@ impl Store {
             ),
             logged as (
                 insert into saga_events (saga_id, seq, event_type, step, data, replica_id, format)
-                select e.saga_id, e.seq, e.event_type, e.step, e.data, e.replica_id, $30
-                from unnest($24::uuid[], $25::int8[], $26::text[], $27::text[], $28::jsonb[], $29::uuid[])
+                select e.saga_id, e.seq, e.event_type, e.step, e.data::jsonb, e.replica_id, $30
+                from unnest($24::uuid[], $25::int8[], $26::text[], $27::text[], $28::text[], $29::uuid[])
                     as e(saga_id, seq, event_type, step, data, replica_id)
                 where e.saga_id in (select saga_id from written)
             ),
@@ -581,24 +562,24 @@ impl Store {
                    w.failing_since as "failing_since?"
             from written w, (select count(*) from rung) as r, (select count(*) from announced) as a
             "#,
-            &new.ids,
-            &new.saga_types,
+            &new.row.ids,
+            &new.saga_types as &[&str],
             &new.definition_versions,
-            &new.statuses,
-            &new.inputs,
-            &new.steps,
-            &new.failure_reasons as &[Option<String>],
-            &new.versions,
-            &new.correlation_ids,
-            &new.idempotency_keys as &[Option<String>],
-            &new.wake_ats as &[Option<DateTime<Utc>>],
-            &new.writers,
-            &new.failing_sinces as &[Option<DateTime<Utc>>],
+            &new.row.statuses as &[&str],
+            &new.inputs as &[&str],
+            &new.row.steps as &[&str],
+            &new.row.failure_reasons as &[Option<&str>],
+            &new.row.versions,
+            &new.correlation_ids as &[&str],
+            &new.idempotency_keys as &[Option<&str>],
+            &new.row.wake_ats as &[Option<DateTime<Utc>>],
+            &new.row.writers,
+            &new.row.failing_sinces as &[Option<DateTime<Utc>>],
             &moved.ids,
             &moved.expected,
-            &moved.statuses,
-            &moved.steps,
-            &moved.failure_reasons as &[Option<String>],
+            &moved.statuses as &[&str],
+            &moved.steps as &[&str],
+            &moved.failure_reasons as &[Option<&str>],
             &moved.versions,
             &moved.wake_ats as &[Option<DateTime<Utc>>],
             &moved.writers,
@@ -606,9 +587,9 @@ impl Store {
             &moved.failing_sinces as &[Option<DateTime<Utc>>],
             &events.saga_ids,
             &events.seqs,
-            &events.types,
-            &events.steps as &[Option<String>],
-            &events.datas,
+            &events.types as &[&str],
+            &events.steps as &[Option<&str>],
+            &events.datas as &[&str],
             &events.replicas,
             LOG_FORMAT,
             CHANGED_CHANNEL,
@@ -634,6 +615,7 @@ impl Store {
         // Asked after the fact, and only when it happens: either way nothing was written.
         let (refused, refused_writers): (Vec<Uuid>, Vec<Uuid>) = updates
             .iter()
+            .map(|encoded| encoded.write)
             .filter(|w| w.fence == Fence::Owner && !written.contains_key(&w.saga_id))
             .map(|w| (w.saga_id, w.replica_id))
             .unzip();
@@ -1147,58 +1129,69 @@ fn to_i64(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
 
-/// The projection columns of a batch, as arrays for `unnest`.
-struct ProjectionColumns {
+/// A write with its JSON as text: encoded before the batch's statement, so that a value that
+/// cannot be encoded fails its own write only, and sent as text, which Postgres parses once as
+/// it would the binary form, without a tree of values built and copied on the way.
+struct EncodedWrite<'w> {
+    write: &'w SagaWrite,
+    events: Vec<String>,
+    steps: String,
+    /// Only a start writes the input.
+    input: Option<String>,
+}
+
+impl<'w> EncodedWrite<'w> {
+    fn of(write: &'w SagaWrite) -> std::result::Result<Self, serde_json::Error> {
+        Ok(Self {
+            write,
+            events: write
+                .events
+                .iter()
+                .map(format::encode_event)
+                .collect::<std::result::Result<_, _>>()?,
+            steps: serde_json::to_string(&write.projection.steps)?,
+            input: if write.expected_version == 0 {
+                Some(serde_json::to_string(&write.projection.input)?)
+            } else {
+                None
+            },
+        })
+    }
+}
+
+/// The read-model columns of a batch's writes, as arrays for `unnest`, borrowed from them.
+struct RowColumns<'w> {
     ids: Vec<Uuid>,
-    saga_types: Vec<String>,
-    definition_versions: Vec<i32>,
-    inputs: Vec<Value>,
-    correlation_ids: Vec<String>,
-    idempotency_keys: Vec<Option<String>>,
     expected: Vec<i64>,
     writers: Vec<Uuid>,
     owner_only: Vec<bool>,
-    statuses: Vec<String>,
-    steps: Vec<Value>,
-    failure_reasons: Vec<Option<String>>,
+    statuses: Vec<&'static str>,
+    steps: Vec<&'w str>,
+    failure_reasons: Vec<Option<&'w str>>,
     versions: Vec<i64>,
     wake_ats: Vec<Option<DateTime<Utc>>>,
     failing_sinces: Vec<Option<DateTime<Utc>>>,
 }
 
-impl ProjectionColumns {
-    fn of(writes: &[&SagaWrite]) -> Self {
-        let projections = writes.iter().map(|w| &w.projection);
+impl<'w> RowColumns<'w> {
+    fn of(writes: &[&'w EncodedWrite<'w>]) -> Self {
+        let projections = writes.iter().map(|w| &w.write.projection);
         Self {
-            ids: writes.iter().map(|w| w.saga_id).collect(),
-            saga_types: projections.clone().map(|p| p.saga_type.clone()).collect(),
-            definition_versions: projections
-                .clone()
-                .map(|p| i32::try_from(p.definition_version).unwrap_or(i32::MAX))
+            ids: writes.iter().map(|w| w.write.saga_id).collect(),
+            expected: writes
+                .iter()
+                .map(|w| to_i64(w.write.expected_version))
                 .collect(),
-            inputs: projections.clone().map(|p| p.input.clone()).collect(),
-            correlation_ids: projections
-                .clone()
-                .map(|p| p.correlation_id.clone())
+            writers: writes.iter().map(|w| w.write.replica_id).collect(),
+            owner_only: writes
+                .iter()
+                .map(|w| w.write.fence == Fence::Owner)
                 .collect(),
-            idempotency_keys: projections
-                .clone()
-                .map(|p| p.idempotency_key.clone())
-                .collect(),
-            expected: writes.iter().map(|w| to_i64(w.expected_version)).collect(),
-            writers: writes.iter().map(|w| w.replica_id).collect(),
-            owner_only: writes.iter().map(|w| w.fence == Fence::Owner).collect(),
-            statuses: projections
-                .clone()
-                .map(|p| p.status.as_str().to_owned())
-                .collect(),
-            steps: projections
-                .clone()
-                .map(|p| serde_json::to_value(&p.steps).unwrap_or(Value::Null))
-                .collect(),
+            statuses: projections.clone().map(|p| p.status.as_str()).collect(),
+            steps: writes.iter().map(|w| w.steps.as_str()).collect(),
             failure_reasons: projections
                 .clone()
-                .map(|p| p.failure_reason.clone())
+                .map(|p| p.failure_reason.as_deref())
                 .collect(),
             versions: projections.clone().map(|p| to_i64(p.version)).collect(),
             wake_ats: projections.clone().map(|p| p.wake_at).collect(),
@@ -1207,27 +1200,61 @@ impl ProjectionColumns {
     }
 }
 
-/// The events of a batch, as arrays for `unnest`.
+/// The columns of the sagas a batch starts: their rows' and what only a start writes.
+struct StartColumns<'w> {
+    row: RowColumns<'w>,
+    saga_types: Vec<&'w str>,
+    definition_versions: Vec<i32>,
+    inputs: Vec<&'w str>,
+    correlation_ids: Vec<&'w str>,
+    idempotency_keys: Vec<Option<&'w str>>,
+}
+
+impl<'w> StartColumns<'w> {
+    fn of(writes: &[&'w EncodedWrite<'w>]) -> Self {
+        let projections = writes.iter().map(|w| &w.write.projection);
+        Self {
+            row: RowColumns::of(writes),
+            saga_types: projections.clone().map(|p| p.saga_type.as_str()).collect(),
+            definition_versions: projections
+                .clone()
+                .map(|p| i32::try_from(p.definition_version).unwrap_or(i32::MAX))
+                .collect(),
+            inputs: writes
+                .iter()
+                .map(|w| w.input.as_deref().unwrap_or("null"))
+                .collect(),
+            correlation_ids: projections
+                .clone()
+                .map(|p| p.correlation_id.as_str())
+                .collect(),
+            idempotency_keys: projections.map(|p| p.idempotency_key.as_deref()).collect(),
+        }
+    }
+}
+
+/// The events of a batch, as arrays for `unnest`, borrowed from its writes.
 #[derive(Default)]
-struct EventColumns {
+struct EventColumns<'w> {
     saga_ids: Vec<Uuid>,
     seqs: Vec<i64>,
-    types: Vec<String>,
-    steps: Vec<Option<String>>,
-    datas: Vec<Value>,
+    types: Vec<&'static str>,
+    steps: Vec<Option<&'w str>>,
+    datas: Vec<&'w str>,
     replicas: Vec<Uuid>,
 }
 
-impl EventColumns {
-    fn push(&mut self, write: &SagaWrite, encoded: &[Value]) {
-        for (offset, (event, data)) in write.events.iter().zip(encoded).enumerate() {
+impl<'w> EventColumns<'w> {
+    fn push(&mut self, encoded: &'w EncodedWrite<'w>) {
+        let write = encoded.write;
+        for (offset, (event, data)) in write.events.iter().zip(&encoded.events).enumerate() {
             self.saga_ids.push(write.saga_id);
             self.replicas.push(write.replica_id);
             self.seqs
                 .push(to_i64(write.expected_version) + 1 + to_i64(offset as u64));
-            self.types.push(event.type_name().to_owned());
-            self.steps.push(event.step().map(str::to_owned));
-            self.datas.push(data.clone());
+            self.types.push(event.type_name());
+            self.steps.push(event.step());
+            self.datas.push(data);
         }
     }
 }
@@ -1266,7 +1293,7 @@ impl SagaRow {
                 saga_type: self.saga_type,
                 definition_version: u32::try_from(self.definition_version).unwrap_or_default(),
                 status,
-                input: self.input,
+                input: Arc::new(self.input),
                 steps,
                 failure_reason: self.failure_reason,
                 version: u64::try_from(self.version).unwrap_or_default(),

@@ -166,7 +166,7 @@ mod tests {
                 saga_type: "t".to_owned(),
                 definition_version: 1,
                 status: SagaStatus::Running,
-                input: json!({"customer_id": "c"}),
+                input: Arc::new(json!({"customer_id": "c"})),
                 steps: Vec::new(),
                 failure_reason: None,
                 version,
