@@ -922,7 +922,7 @@ impl Saga {
 /// outputs of its steps that have one: the read model keeps those, and the context is made when
 /// a call or an answer needs it. Borrowed, so that it is serialized or converted straight from
 /// the saga's documents, never copied into a tree of its own first.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub struct Context<'a> {
     pub input: &'a Value,
     /// In the definition's order; a step's name appears once.
