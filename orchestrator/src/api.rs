@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument as _;
 use uuid::Uuid;
 
+use crate::auth::{Authenticator, Role};
 use crate::document::{self, shorten};
 use crate::engine::{Engine, EngineError, StartRequest};
 use crate::saga::{CannotRetry, Context, SagaStatus, StepStatus};
@@ -47,11 +48,21 @@ const MAX_SAGA_TYPE_BYTES: usize = 256;
 /// The `sagad.v1.SagaOrchestrator` service.
 pub struct Api {
     engine: Engine,
+    auth: Authenticator,
 }
 
 impl Api {
-    pub fn new(engine: Engine) -> Self {
-        Self { engine }
+    pub fn new(engine: Engine, auth: Authenticator) -> Self {
+        Self { engine, auth }
+    }
+
+    /// The request's right to `needed`, and who it is for the history of what it changes:
+    /// the token's name with tokens on, else the client's address.
+    fn authorize<T>(&self, request: &Request<T>, needed: Role) -> Result<String, Status> {
+        match self.auth.authorize(request.metadata(), needed)? {
+            Some(caller) => Ok(caller.name),
+            None => Ok(who_asks(request)),
+        }
     }
 }
 
@@ -90,6 +101,7 @@ impl SagaOrchestrator for Api {
         &self,
         request: Request<pb::StartSagaRequest>,
     ) -> Result<Response<pb::StartSagaResponse>, Status> {
+        self.authorize(&request, Role::Operator)?;
         // The saga's trace continues the caller's, when it sent one (an invalid one is
         // ignored, as W3C says); else it is a trace of its own.
         let caller_trace = trace::from_metadata(request.metadata());
@@ -141,6 +153,7 @@ impl SagaOrchestrator for Api {
         &self,
         request: Request<pb::GetSagaRequest>,
     ) -> Result<Response<pb::Saga>, Status> {
+        self.authorize(&request, Role::Reader)?;
         let request = request.into_inner();
         let saga_id = parse_saga_id(&request.saga_id)?;
         let basic = match pb::SagaView::try_from(request.view) {
@@ -177,6 +190,7 @@ impl SagaOrchestrator for Api {
         &self,
         request: Request<pb::ListSagasRequest>,
     ) -> Result<Response<pb::ListSagasResponse>, Status> {
+        self.authorize(&request, Role::Reader)?;
         let request = request.into_inner();
         check_text("saga_type", &request.saga_type, MAX_SAGA_TYPE_BYTES)?;
         let page_size = page_size(
@@ -233,6 +247,7 @@ impl SagaOrchestrator for Api {
         &self,
         request: Request<pb::WatchSagaRequest>,
     ) -> Result<Response<Self::WatchSagaStream>, Status> {
+        self.authorize(&request, Role::Reader)?;
         let saga_id = parse_saga_id(&request.into_inner().saga_id)?;
         let events = self.engine.watch(saga_id).await?;
         let stream = futures::stream::unfold(events, |mut events| async move {
@@ -246,6 +261,7 @@ impl SagaOrchestrator for Api {
         &self,
         request: Request<pb::CancelSagaRequest>,
     ) -> Result<Response<pb::Saga>, Status> {
+        let requested_by = self.authorize(&request, Role::Operator)?;
         let request = request.into_inner();
         let saga_id = parse_saga_id(&request.saga_id)?;
         check_text("reason", &request.reason, MAX_REASON_BYTES)?;
@@ -254,7 +270,10 @@ impl SagaOrchestrator for Api {
         } else {
             request.reason
         };
-        let record = self.engine.cancel_saga(saga_id, &reason).await?;
+        let record = self
+            .engine
+            .cancel_saga(saga_id, &reason, &requested_by)
+            .await?;
         Ok(Response::new(
             self.with_history(&record, 0, DEFAULT_HISTORY_PAGE_SIZE)
                 .await?,
@@ -265,7 +284,7 @@ impl SagaOrchestrator for Api {
         &self,
         request: Request<pb::RetrySagaRequest>,
     ) -> Result<Response<pb::Saga>, Status> {
-        let requested_by = who_asks(&request);
+        let requested_by = self.authorize(&request, Role::Admin)?;
         let request = request.into_inner();
         let saga_id = parse_saga_id(&request.saga_id)?;
         check_text("reason", &request.reason, MAX_REASON_BYTES)?;
@@ -288,8 +307,7 @@ impl SagaOrchestrator for Api {
     }
 }
 
-/// Who made a request, for the history of what it changed: the client's address until
-/// requests carry a caller's name.
+/// Who made a request when tokens are off: the client's address.
 fn who_asks<T>(request: &Request<T>) -> String {
     match request.remote_addr() {
         Some(address) => format!("client {address}"),

@@ -73,6 +73,40 @@ pub struct Config {
     /// `sagad_sagas_stuck` show it.
     #[arg(long, env = "SAGAD_STUCK_AFTER", default_value = "60s", value_parser = parse_stuck_after)]
     pub stuck_after: Duration,
+
+    /// Serve gRPC over TLS with this certificate chain (PEM); re-read on SIGHUP.
+    #[arg(long, env = "SAGAD_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of `--tls-cert` (PEM); re-read on SIGHUP.
+    #[arg(long, env = "SAGAD_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Require client certificates signed by this CA (PEM): mutual TLS. Re-read on SIGHUP.
+    #[arg(long, env = "SAGAD_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Bearer tokens and their roles (TOML: `[[token]]` with `name`, `role` and `sha256`, the
+    /// hex SHA-256 of the token). Without it every caller may do everything. Re-read on SIGHUP.
+    #[arg(long, env = "SAGAD_AUTH_TOKENS")]
+    pub auth_tokens: Option<PathBuf>,
+
+    /// Allow gRPC in plaintext on an address other than loopback.
+    #[arg(long)]
+    pub insecure: bool,
+
+    /// Trust participants' TLS certificates signed by this CA (PEM) on `https://` URIs
+    /// (default: the system's roots).
+    #[arg(long, env = "SAGAD_PARTICIPANT_CA")]
+    pub participant_ca: Option<PathBuf>,
+
+    /// A client certificate (PEM) sagad shows to participants on `https://` URIs.
+    #[arg(long, env = "SAGAD_PARTICIPANT_CERT", requires = "participant_key")]
+    pub participant_cert: Option<PathBuf>,
+
+    /// The private key of `--participant-cert` (PEM).
+    #[arg(long, env = "SAGAD_PARTICIPANT_KEY", requires = "participant_cert")]
+    pub participant_key: Option<PathBuf>,
 }
 
 pub use sagad_telemetry::LogFormat;
@@ -104,6 +138,13 @@ impl Config {
     /// Checks what one flag alone cannot: the error names the flag.
     pub fn validate(&self) -> Result<(), String> {
         self.http_listen()?;
+        if self.tls_cert.is_none() && !self.insecure && !self.listen.ip().is_loopback() {
+            return Err(format!(
+                "--listen {}: gRPC in plaintext on an address other than loopback; serve TLS \
+                 (--tls-cert, --tls-key) or pass --insecure",
+                self.listen
+            ));
+        }
         if self.poll_interval > self.lease_ttl {
             return Err(format!(
                 "--poll-interval ({}) must not be longer than --lease-ttl ({})",

@@ -8,12 +8,14 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
+use futures::{Stream, StreamExt};
 use sagad_proto::v1::saga_orchestrator_server::SagaOrchestratorServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 
 use crate::api::Api;
+use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::definition::DefinitionSet;
 use crate::engine::{Engine, LeaseTiming, Participants};
@@ -30,25 +32,52 @@ pub struct HttpEndpoint {
     pub metrics: Metrics,
 }
 
-/// Checks what can be checked without the network: definitions and participant addresses.
-pub fn check(config: &Config) -> anyhow::Result<(DefinitionSet, Participants)> {
+/// What the daemon is made of, read and checked before it touches the network.
+pub struct Checked {
+    pub definitions: DefinitionSet,
+    pub participants: Participants,
+    pub auth: Authenticator,
+}
+
+/// Checks what can be checked without the network: flags, definitions, participant
+/// addresses and the token file.
+pub fn check(config: &Config) -> anyhow::Result<Checked> {
     config.validate().map_err(anyhow::Error::msg)?;
     let definitions = DefinitionSet::load_dir(&config.defs)?;
     let addresses = config.participant_addresses().map_err(anyhow::Error::msg)?;
     definitions.check_participants(&addresses.keys().cloned().collect())?;
     let participants = Participants::new(&addresses, config.participant_concurrency as usize)?;
-    Ok((definitions, participants))
+    let auth = match &config.auth_tokens {
+        Some(path) => Authenticator::from_file(path)
+            .map_err(|error| anyhow::anyhow!("--auth-tokens {error}"))?,
+        None => Authenticator::off(),
+    };
+    Ok(Checked {
+        definitions,
+        participants,
+        auth,
+    })
 }
 
 /// Runs sagad on `listener` (gRPC) and `http` until `shutdown` resolves, then drains
 /// gracefully. The HTTP server answers from the start, `/readyz` with 503 until the engine runs.
+/// Each item of `reloads` (SIGHUP, in the binary) re-reads the token file and the
+/// certificates; one that cannot be read leaves those in force and says why in the log.
 pub async fn serve(
     config: Config,
     listener: TcpListener,
     http: Option<HttpEndpoint>,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    reloads: impl Stream<Item = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let (definitions, participants) = check(&config)?;
+    let Checked {
+        definitions,
+        participants,
+        auth,
+    } = check(&config)?;
+    let stop_reloading = CancellationToken::new();
+    let _stop_reloading_on_return = stop_reloading.clone().drop_guard();
+    tokio::spawn(reload_on(reloads, auth.clone(), stop_reloading.clone()));
     crate::telemetry::preset(&definitions);
     let gauges = ActivityGauges::new(&definitions);
     let ready = ReadySwitch::default();
@@ -120,7 +149,7 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(SagaOrchestratorServer::new(Api::new(engine.clone())))
+        .add_service(SagaOrchestratorServer::new(Api::new(engine.clone(), auth)))
         .serve_with_incoming_shutdown(incoming, stop_serving.clone().cancelled_owned());
     tokio::pin!(server);
     tokio::select! {
@@ -181,6 +210,29 @@ pub async fn serve(
     let _ = tokio::time::timeout_at(deadline, store.close()).await;
     tracing::info!("sagad stopped");
     Ok(())
+}
+
+/// Re-reads what `reloads` asks for until `stop`.
+async fn reload_on(
+    reloads: impl Stream<Item = ()> + Send + 'static,
+    auth: Authenticator,
+    stop: CancellationToken,
+) {
+    let mut reloads = std::pin::pin!(reloads);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            next = reloads.next() => if next.is_none() { return },
+        }
+        if auth.is_on() {
+            match auth.reload() {
+                Ok(tokens) => tracing::info!(tokens, "the token file is read again"),
+                Err(error) => {
+                    tracing::error!(%error, "the token file cannot be read; the tokens in force stay");
+                }
+            }
+        }
+    }
 }
 
 /// What `/readyz` reports: the engine's own readiness once it runs, false before, and false

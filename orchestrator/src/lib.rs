@@ -6,6 +6,7 @@
 //! operators read (metrics, health, logs).
 
 pub mod api;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod daemon;

@@ -44,9 +44,15 @@ impl TestDaemon {
         args.extend(["--listen".to_owned(), addr.to_string()]);
         let config = parse_config(&args)?;
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(sagad::daemon::serve(config, listener, None, async {
-            let _ = stopped.await;
-        }));
+        let task = tokio::spawn(sagad::daemon::serve(
+            config,
+            listener,
+            None,
+            async {
+                let _ = stopped.await;
+            },
+            tokio_stream::pending(),
+        ));
         let mut daemon = Self {
             addr,
             stop: Some(stop),

@@ -939,6 +939,10 @@ async fn run_sagad(args: &[String]) -> anyhow::Result<(ExitStatus, String, Durat
         "SAGAD_DATABASE_WAIT",
         "SAGAD_PARTICIPANT_CONCURRENCY",
         "SAGAD_SHUTDOWN_GRACE",
+        "SAGAD_TLS_CERT",
+        "SAGAD_TLS_KEY",
+        "SAGAD_TLS_CLIENT_CA",
+        "SAGAD_AUTH_TOKENS",
     ] {
         command.env_remove(name);
     }
@@ -1081,7 +1085,7 @@ fn flags_without(defs: &Path, without: &str) -> anyhow::Result<Vec<String>> {
 #[tokio::test]
 async fn a_bad_flag_is_refused_in_one_line_naming_it() -> anyhow::Result<()> {
     let defs = valid_defs()?;
-    let cases: [(&str, Vec<String>, &str); 3] = [
+    let cases: [(&str, Vec<String>, &str); 5] = [
         (
             "--listen nonsense",
             [
@@ -1105,6 +1109,24 @@ async fn a_bad_flag_is_refused_in_one_line_naming_it() -> anyhow::Result<()> {
             [flags_without(&defs, "")?, vec!["--bogus".into()]].concat(),
             "--bogus",
         ),
+        (
+            "plaintext on every address without --insecure",
+            [
+                flags_without(&defs, "--listen")?,
+                vec!["--listen".into(), "0.0.0.0:0".into()],
+            ]
+            .concat(),
+            "--insecure",
+        ),
+        (
+            "--tls-cert without --tls-key",
+            [
+                flags_without(&defs, "")?,
+                vec!["--tls-cert".into(), "cert.pem".into()],
+            ]
+            .concat(),
+            "--tls-key",
+        ),
     ];
     for (what, args, flag) in cases {
         let (status, stderr, took) = run_sagad(&args).await?;
@@ -1120,6 +1142,32 @@ async fn a_bad_flag_is_refused_in_one_line_naming_it() -> anyhow::Result<()> {
             "{what}: took {took:?} to refuse"
         );
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn plaintext_on_every_address_starts_with_insecure() -> anyhow::Result<()> {
+    let defs = valid_defs()?;
+    let args = [
+        flags_without(&defs, "--listen")?,
+        vec![
+            "--listen".into(),
+            "0.0.0.0:0".into(),
+            "--insecure".into(),
+            "--database-wait".into(),
+            "1s".into(),
+        ],
+    ]
+    .concat();
+    let (status, stderr, _) = run_sagad(&args).await?;
+    // Past the flags, it stops only at the database nobody answers.
+    assert!(!status.success(), "sagad exited with {status}");
+    let plain = strip_ansi(&stderr);
+    let error = plain.lines().last().unwrap_or_default();
+    assert!(
+        error.starts_with("sagad:") && error.contains("--database-url"),
+        "with --insecure the refusal should be the database's: {plain:?}"
+    );
     Ok(())
 }
 

@@ -135,7 +135,7 @@ async fn a_history_read_up_to_a_version_stops_there() -> anyhow::Result<()> {
     )?;
     let mut projection = first.projection.clone();
     ensure!(matches!(writer.write(first).await?, WriteOutcome::Written));
-    let events = saga.cancel("the test cancels", chrono::Utc::now())?;
+    let events = saga.cancel("the test cancels", "the test", chrono::Utc::now())?;
     let started_at = saga.version;
     for event in &events {
         saga.apply(event)?;

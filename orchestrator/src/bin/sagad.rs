@@ -85,7 +85,16 @@ async fn run(config: Config) -> anyhow::Result<()> {
         listener: http_listener,
         metrics,
     };
-    sagad::daemon::serve(config, listener, Some(http), shutdown_signal()).await
+    let reloads = hangups().map_err(|error| anyhow::anyhow!("listening for SIGHUP: {error}"))?;
+    sagad::daemon::serve(config, listener, Some(http), shutdown_signal(), reloads).await
+}
+
+/// One item per SIGHUP: re-read the token file and the certificates.
+fn hangups() -> std::io::Result<impl futures::Stream<Item = ()> + Send + 'static> {
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    Ok(futures::stream::unfold(hangup, |mut hangup| async move {
+        hangup.recv().await.map(|()| ((), hangup))
+    }))
 }
 
 async fn shutdown_signal() {

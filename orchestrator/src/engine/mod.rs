@@ -414,17 +414,19 @@ impl Engine {
         Ok(self.inner.store.list_sagas(filter).await?)
     }
 
-    /// Stops a running saga going forward and has it compensate, the step in flight first. A
-    /// saga already compensating is left as it is; an ended one is refused.
+    /// Stops a running saga going forward and has it compensate, the step in flight first;
+    /// `requested_by` says who asked, for the history. A saga already compensating is left as
+    /// it is; an ended one is refused.
     pub async fn cancel_saga(
         &self,
         saga_id: Uuid,
         reason: &str,
+        requested_by: &str,
     ) -> Result<SagaRecord, EngineError> {
         const ATTEMPTS: usize = 20;
         for _ in 0..ATTEMPTS {
             let saga = self.load(saga_id).await?;
-            let events = saga.cancel(reason, Utc::now())?;
+            let events = saga.cancel(reason, requested_by, Utc::now())?;
             if events.is_empty() {
                 break;
             }

@@ -70,6 +70,10 @@ pub enum Event {
     /// An operator stopped the saga going forward.
     CancelRequested {
         reason: String,
+        /// Who asked (a token's name, or the client's address); logs of releases before it
+        /// was recorded read it as empty.
+        #[serde(default)]
+        requested_by: String,
     },
     CompensationSucceeded {
         step: String,

@@ -414,7 +414,7 @@ impl Saga {
                      unknown, so the step is compensated"
                 ));
             }
-            Event::CancelRequested { reason } => {
+            Event::CancelRequested { reason, .. } => {
                 if self.phase == Phase::Forward {
                     if let Some(k) = self.current_forward_step() {
                         let has_compensation = self.definition.steps[k].compensation.is_some();
@@ -764,11 +764,17 @@ impl Saga {
 
     /// The events that cancel a running saga. A saga already compensating needs none; an ended
     /// one cannot be cancelled.
-    pub fn cancel(&self, reason: &str, now: DateTime<Utc>) -> Result<Vec<Event>, CannotCancel> {
+    pub fn cancel(
+        &self,
+        reason: &str,
+        requested_by: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Event>, CannotCancel> {
         match self.phase {
             Phase::Forward => Ok(self.with_terminal(
                 vec![Event::CancelRequested {
                     reason: reason.to_owned(),
+                    requested_by: requested_by.to_owned(),
                 }],
                 now,
             )),

@@ -505,14 +505,15 @@ fn drive(scenario: &Scenario, crashes: &BTreeSet<Crash>) -> Result<Run, TestCase
         if cancel_before_call == Some(calls.len()) {
             cancel_before_call = None;
             let expected = model.status();
-            match saga.cancel("operator", now) {
+            match saga.cancel("operator", "ops", now) {
                 Ok(events) => {
                     match expected {
                         SagaStatus::Running => {
                             prop_assert_eq!(
                                 events.first(),
                                 Some(&Event::CancelRequested {
-                                    reason: "operator".to_owned()
+                                    reason: "operator".to_owned(),
+                                    requested_by: "ops".to_owned(),
                                 })
                             );
                             model.cancelled = Some(model.current_forward_step());
@@ -826,7 +827,9 @@ fn any_event(names: Vec<String>) -> impl Strategy<Value = Event> {
         2 => (step.clone(), attempt.clone(), text.clone()).prop_map(|(step, attempt, reason)| {
             Event::StepAttemptInterrupted { step, attempt, reason }
         }),
-        2 => text.clone().prop_map(|reason| Event::CancelRequested { reason }),
+        2 => (text.clone(), text.clone()).prop_map(|(reason, requested_by)| {
+            Event::CancelRequested { reason, requested_by }
+        }),
         3 => (step.clone(), attempt.clone())
             .prop_map(|(step, attempt)| Event::CompensationSucceeded { step, attempt }),
         3 => (step.clone(), attempt.clone(), text.clone(), retry_at, failed_at).prop_map(
@@ -875,7 +878,7 @@ fn exercise(saga: &Saga, now: DateTime<Utc>) -> Result<(), TestCaseError> {
     let _ = serde_json::to_value(saga.context());
     let _ = saga.step_views();
     let _ = saga.wake_at(now);
-    let _ = saga.cancel("why", now);
+    let _ = saga.cancel("why", "ops", now);
     if let Decision::Call(command) = saga.decide(now) {
         let _ = saga.idempotency_key(command);
         let _ = saga.step_definition(command.step);

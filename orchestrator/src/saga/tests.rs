@@ -268,11 +268,14 @@ fn cancel_compensates_the_step_in_flight_first() {
     // Step b is in flight (or between retries) when the cancel lands.
     let command = expect_call(&saga, t0());
     record(&mut saga, command, transient(), t0());
-    let events = saga.cancel("changed my mind", t0()).unwrap_or_default();
+    let events = saga
+        .cancel("changed my mind", "ops", t0())
+        .unwrap_or_default();
     assert_eq!(
         events,
         vec![Event::CancelRequested {
-            reason: "changed my mind".to_owned()
+            reason: "changed my mind".to_owned(),
+            requested_by: "ops".to_owned(),
         }]
     );
     saga.apply(&events[0])
@@ -286,11 +289,11 @@ fn cancel_compensates_the_step_in_flight_first() {
     record(&mut saga, first, success(json!({})), t0());
     let second = expect_call(&saga, t0());
     assert_eq!((second.kind, second.step), (CommandKind::Compensate, 0));
-    assert_eq!(saga.cancel("again", t0()), Ok(Vec::new()));
+    assert_eq!(saga.cancel("again", "ops", t0()), Ok(Vec::new()));
     record(&mut saga, second, success(json!({})), t0());
     assert_eq!(saga.status(), SagaStatus::Compensated);
     assert_eq!(
-        saga.cancel("too late", t0()),
+        saga.cancel("too late", "ops", t0()),
         Err(CannotCancel("COMPENSATED"))
     );
 }
@@ -454,7 +457,9 @@ fn an_attempt_interrupted_by_a_cancel_counts_as_an_attempt_of_unknown_outcome() 
         None,
         "still running"
     );
-    let events = saga.cancel("changed my mind", t0()).unwrap_or_default();
+    let events = saga
+        .cancel("changed my mind", "ops", t0())
+        .unwrap_or_default();
     apply_all(&mut saga, &events);
     assert_eq!(saga.steps[1].attempts, 0);
     let interrupted = saga
