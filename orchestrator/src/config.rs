@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use sagad_tls::FlaggedPath;
 
 /// sagad: the saga orchestrator daemon.
 #[derive(Debug, Clone, Parser)]
@@ -153,6 +154,35 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The gRPC server's TLS files, when it serves TLS.
+    pub fn server_tls_files(&self) -> Option<sagad_tls::ServerTlsFiles> {
+        Some(sagad_tls::ServerTlsFiles {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            client_ca: self.tls_client_ca.clone(),
+        })
+    }
+
+    /// What sagad trusts and shows on `https://` participant addresses.
+    pub fn participant_tls_files(&self) -> sagad_tls::ClientTlsFiles {
+        sagad_tls::ClientTlsFiles {
+            ca: self
+                .participant_ca
+                .clone()
+                .map(|path| FlaggedPath::new("--participant-ca", path)),
+            identity: self
+                .participant_cert
+                .clone()
+                .zip(self.participant_key.clone())
+                .map(|(cert, key)| {
+                    (
+                        FlaggedPath::new("--participant-cert", cert),
+                        FlaggedPath::new("--participant-key", key),
+                    )
+                }),
+        }
     }
 
     /// Participant addresses by name; a name given twice is an error naming the flag.

@@ -3,6 +3,7 @@
 //! (flags, logging, the metrics recorder, signals); tests call [`serve`] in-process.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -22,6 +23,7 @@ use crate::engine::{Engine, LeaseTiming, Participants};
 use crate::http::Readiness;
 use crate::store::{Store, Writer};
 use crate::telemetry::{ActivityGauges, Metrics};
+use sagad_tls::ServerTls;
 
 /// How often the metrics' upkeep and the sample of the sagas in the database run.
 const SAMPLE_EVERY: Duration = Duration::from_secs(5);
@@ -37,6 +39,8 @@ pub struct Checked {
     pub definitions: DefinitionSet,
     pub participants: Participants,
     pub auth: Authenticator,
+    /// The gRPC server's TLS; `None`: plaintext.
+    pub tls: Option<ServerTls>,
 }
 
 /// Checks what can be checked without the network: flags, definitions, participant
@@ -46,7 +50,13 @@ pub fn check(config: &Config) -> anyhow::Result<Checked> {
     let definitions = DefinitionSet::load_dir(&config.defs)?;
     let addresses = config.participant_addresses().map_err(anyhow::Error::msg)?;
     definitions.check_participants(&addresses.keys().cloned().collect())?;
-    let participants = Participants::new(&addresses, config.participant_concurrency as usize)?;
+    let participant_tls = config.participant_tls_files().client_config()?;
+    let participants = Participants::new(
+        &addresses,
+        config.participant_concurrency as usize,
+        &participant_tls,
+    )?;
+    let tls = config.server_tls_files().map(ServerTls::load).transpose()?;
     let auth = match &config.auth_tokens {
         Some(path) => Authenticator::from_file(path)
             .map_err(|error| anyhow::anyhow!("--auth-tokens {error}"))?,
@@ -56,6 +66,7 @@ pub fn check(config: &Config) -> anyhow::Result<Checked> {
         definitions,
         participants,
         auth,
+        tls,
     })
 }
 
@@ -74,10 +85,16 @@ pub async fn serve(
         definitions,
         participants,
         auth,
+        tls,
     } = check(&config)?;
     let stop_reloading = CancellationToken::new();
     let _stop_reloading_on_return = stop_reloading.clone().drop_guard();
-    tokio::spawn(reload_on(reloads, auth.clone(), stop_reloading.clone()));
+    tokio::spawn(reload_on(
+        reloads,
+        auth.clone(),
+        tls.clone(),
+        stop_reloading.clone(),
+    ));
     crate::telemetry::preset(&definitions);
     let gauges = ActivityGauges::new(&definitions);
     let ready = ReadySwitch::default();
@@ -135,13 +152,16 @@ pub async fn serve(
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(sagad_proto::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    tracing::info!(listen = %listener.local_addr()?, resumed, "sagad is serving");
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        resumed,
+        tls = tls.is_some(),
+        tokens = auth.is_on(),
+        "sagad is serving"
+    );
 
-    // Small replies go out at once: without nodelay, Nagle's algorithm holds them back for
-    // the peer's delayed ACK (tens of milliseconds per call).
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let stop_serving = CancellationToken::new();
-    let server = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         // Clients whose deadlines pass reset their streams, often before the server took
         // them up; h2's default of 20 such streams then ends the whole connection, and every
         // other request on it. The limit stays (it guards against rapid-reset floods), higher.
@@ -149,9 +169,20 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(SagaOrchestratorServer::new(Api::new(engine.clone(), auth)))
-        .serve_with_incoming_shutdown(incoming, stop_serving.clone().cancelled_owned());
-    tokio::pin!(server);
+        .add_service(SagaOrchestratorServer::new(Api::new(engine.clone(), auth)));
+    let stopped = stop_serving.clone().cancelled_owned();
+    let mut server: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
+        match &tls {
+            Some(tls) => {
+                Box::pin(router.serve_with_incoming_shutdown(tls.incoming(listener), stopped))
+            }
+            // Small replies go out at once: without nodelay, Nagle's algorithm holds them back
+            // for the peer's delayed ACK (tens of milliseconds per call).
+            None => Box::pin(router.serve_with_incoming_shutdown(
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                stopped,
+            )),
+        };
     tokio::select! {
         served = &mut server => {
             // The server ended without being asked: stop the rest too.
@@ -216,6 +247,7 @@ pub async fn serve(
 async fn reload_on(
     reloads: impl Stream<Item = ()> + Send + 'static,
     auth: Authenticator,
+    tls: Option<ServerTls>,
     stop: CancellationToken,
 ) {
     let mut reloads = std::pin::pin!(reloads);
@@ -229,6 +261,14 @@ async fn reload_on(
                 Ok(tokens) => tracing::info!(tokens, "the token file is read again"),
                 Err(error) => {
                     tracing::error!(%error, "the token file cannot be read; the tokens in force stay");
+                }
+            }
+        }
+        if let Some(tls) = &tls {
+            match tls.reload() {
+                Ok(()) => tracing::info!("the TLS files are read again; new connections use them"),
+                Err(error) => {
+                    tracing::error!(%error, "the TLS files cannot be read; the ones in force stay");
                 }
             }
         }

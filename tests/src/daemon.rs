@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
+use tonic::transport::ClientTlsConfig;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -112,7 +112,12 @@ const SAGAD_SERVICE: &str = "sagad.v1.SagaOrchestrator";
 /// Is a sagad serving at `addr`? Its health service says so (any other gRPC server would
 /// answer a plain request too, or not know the service).
 pub async fn serving(addr: SocketAddr) -> bool {
-    let Ok(channel) = Channel::from_shared(format!("http://{addr}")) else {
+    serving_over(addr, None).await
+}
+
+/// [`serving`], over TLS when `tls` is given.
+pub async fn serving_over(addr: SocketAddr, tls: Option<&ClientTlsConfig>) -> bool {
+    let Ok(channel) = crate::tls::endpoint(addr, tls) else {
         return false;
     };
     let Ok(channel) = channel.connect().await else {
@@ -194,6 +199,17 @@ impl SagadProcess {
         env: &[(&str, &str)],
         log_dir: &Path,
     ) -> anyhow::Result<Self> {
+        Self::start_over(args, env, log_dir, None).await
+    }
+
+    /// [`start_with`](Self::start_with) for a sagad serving TLS: `tls` is how the wait for it
+    /// connects.
+    pub async fn start_over(
+        args: &[String],
+        env: &[(&str, &str)],
+        log_dir: &Path,
+        tls: Option<&ClientTlsConfig>,
+    ) -> anyhow::Result<Self> {
         let number = STARTED.fetch_add(1, Ordering::Relaxed);
         let log = log_dir.join(format!("sagad-{}-{number}.log", std::process::id()));
         let stderr = std::fs::File::create(&log)?;
@@ -236,7 +252,7 @@ impl SagadProcess {
             child,
             log,
         };
-        while !serving(addr).await {
+        while !serving_over(addr, tls).await {
             if tokio::time::Instant::now() > until {
                 bail!("sagad's health service did not say SERVING within 60 s");
             }

@@ -23,7 +23,7 @@ use sqlx::Connection;
 use sqlx::postgres::PgConnection;
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{ClientTlsConfig, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -87,6 +87,8 @@ pub struct ParticipantProcess {
     log_dir: PathBuf,
     starts: u32,
     child: Option<Child>,
+    /// How a client reaches it when it serves TLS.
+    tls: Option<ClientTlsConfig>,
 }
 
 impl ParticipantProcess {
@@ -99,6 +101,19 @@ impl ParticipantProcess {
         env: &[(String, String)],
         log_dir: &Path,
     ) -> anyhow::Result<Self> {
+        Self::start_over(service, database_url, args, env, log_dir, None).await
+    }
+
+    /// [`start`](Self::start) for a participant serving TLS (its `args` say with what):
+    /// `tls` is how clients, sagad among them, reach it.
+    pub async fn start_over(
+        service: Service,
+        database_url: &str,
+        args: &[String],
+        env: &[(String, String)],
+        log_dir: &Path,
+        tls: Option<ClientTlsConfig>,
+    ) -> anyhow::Result<Self> {
         let mut process = Self {
             service,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -108,6 +123,7 @@ impl ParticipantProcess {
             log_dir: log_dir.to_path_buf(),
             starts: 0,
             child: None,
+            tls,
         };
         process.spawn().await?;
         Ok(process)
@@ -120,7 +136,8 @@ impl ParticipantProcess {
 
     /// Where sagad reaches it.
     pub fn uri(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// SIGSTOP, returning once the kernel shows it stopped: it answers nothing, while its
@@ -188,7 +205,7 @@ impl ParticipantProcess {
                 bound = logged_listen_address(&std::fs::read_to_string(&log)?);
             }
             if let Some(addr) = bound
-                && participant_serving(addr).await
+                && participant_serving(addr, self.tls.as_ref()).await
             {
                 self.addr = addr;
                 self.child = Some(child);
@@ -222,8 +239,8 @@ fn logged_listen_address(log: &str) -> Option<SocketAddr> {
         })
 }
 
-async fn participant_serving(addr: SocketAddr) -> bool {
-    let Ok(channel) = Channel::from_shared(format!("http://{addr}")) else {
+async fn participant_serving(addr: SocketAddr, tls: Option<&ClientTlsConfig>) -> bool {
+    let Ok(channel) = crate::tls::endpoint(addr, tls) else {
         return false;
     };
     let Ok(channel) = channel.connect().await else {

@@ -11,6 +11,7 @@ pub mod otlp;
 pub mod participant;
 pub mod postgres;
 pub mod signals;
+pub mod tls;
 pub mod wire;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -16,7 +16,11 @@ use futures::StreamExt as _;
 use indicatif::{ProgressBar, ProgressStyle};
 use sagad_proto::v1 as pb;
 use sagad_proto::v1::saga_orchestrator_client::SagaOrchestratorClient;
+use sagad_tls::FlaggedPath;
 use serde_json::{Map, Value, json};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
@@ -24,8 +28,26 @@ use tonic_health::pb::health_client::HealthClient;
 use crate::definition::DefinitionSet;
 use render::Fit;
 
-/// The client every command uses.
-pub type Client = SagaOrchestratorClient<Channel>;
+/// The client every command uses: every request carries the token, when one is given.
+pub type Client = SagaOrchestratorClient<InterceptedService<Channel, BearerToken>>;
+
+/// Adds `authorization: Bearer <token>` to each request.
+#[derive(Clone)]
+pub struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for BearerToken {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
 
 /// How long connecting to sagad may take before the command gives up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -64,8 +86,28 @@ pub struct Cli {
     /// JSON is never cut.
     #[arg(long, global = true)]
     pub wide: bool,
+    #[command(flatten)]
+    pub credentials: Credentials,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// Who the client is to sagad, and whom it trusts on `https://` addresses.
+#[derive(Debug, Default, Args)]
+pub struct Credentials {
+    /// The bearer token sent with every request, when sagad runs with --auth-tokens.
+    #[arg(long, global = true, env = "SAGAD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// The CA (PEM) that signed sagad's certificate, for an `https://` --server (default: the
+    /// system's roots).
+    #[arg(long, global = true, env = "SAGAD_CA")]
+    pub ca: Option<PathBuf>,
+    /// A client certificate (PEM), for a sagad that asks for one (mutual TLS).
+    #[arg(long, global = true, env = "SAGAD_CERT", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// The private key (PEM) of --cert.
+    #[arg(long, global = true, env = "SAGAD_KEY", requires = "cert")]
+    pub key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -160,6 +202,25 @@ pub enum Command {
         #[command(subcommand)]
         command: DefsCommand,
     },
+    /// Bearer tokens for sagad's --auth-tokens file.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Make a fresh random token: prints it (give it to the client, once) and the lines to
+    /// add to the --auth-tokens file, which hold only its SHA-256. Runs without a server.
+    New {
+        /// The token's name: what sagad records as who cancelled or retried a saga.
+        name: String,
+        /// reader (GetSaga, ListSagas, WatchSaga), operator (also StartSaga, CancelSaga) or
+        /// admin (also RetrySaga).
+        #[arg(long, value_parser = ["reader", "operator", "admin"])]
+        role: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -241,6 +302,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         validate_defs(cli.output, fit, dir)?;
         return Ok(0);
     }
+    if let Command::Token {
+        command: TokenCommand::New { name, role },
+    } = &cli.command
+    {
+        new_token(cli.output, name, role)?;
+        return Ok(0);
+    }
     // Input is checked before connecting: a typo should not wait on the network.
     let start_input = match &cli.command {
         Command::Start { input, .. } => Some(parse_input(input)?),
@@ -260,7 +328,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             .collect::<anyhow::Result<Vec<_>>>()?,
         _ => Vec::new(),
     };
-    let server = Server::connect(&cli.server).await?;
+    let server = Server::connect(&cli.server, &cli.credentials).await?;
     let mut client = server.client();
     let output = cli.output;
     match cli.command {
@@ -352,7 +420,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             emit_fields(output, fit, &report)?;
         }
         // Handled above, before connecting.
-        Command::Defs { .. } => bail!("defs commands run without a server"),
+        Command::Defs { .. } | Command::Token { .. } => {
+            bail!("defs and token commands run without a server")
+        }
     }
     Ok(0)
 }
@@ -479,6 +549,37 @@ fn progress_text(saga: &pb::Saga) -> String {
         text.push_str(", STUCK");
     }
     text
+}
+
+/// `token new NAME --role R`: 32 random bytes from the operating system as the token, and the
+/// `[[token]]` entry that grants it the role, which holds only its SHA-256.
+fn new_token(output: Output, name: &str, role: &str) -> anyhow::Result<()> {
+    if name.trim().is_empty() {
+        bail!("token new: the name must not be empty");
+    }
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).map_err(|error| anyhow!("no randomness: {error}"))?;
+    let token = format!("sagad_{}", hex::encode(secret));
+    let sha256 = crate::auth::token_hash(&token);
+    let mut entry = toml::Table::new();
+    entry.insert("name".into(), name.into());
+    entry.insert("role".into(), role.into());
+    entry.insert("sha256".into(), sha256.clone().into());
+    let mut file = toml::Table::new();
+    file.insert("token".into(), toml::Value::Array(vec![entry.into()]));
+    let lines = toml::to_string(&file).context("cannot write the TOML entry")?;
+    match output {
+        Output::Json => emit_json(&json!({
+            "name": name,
+            "role": role,
+            "token": token,
+            "sha256": sha256,
+            "toml": lines,
+        })),
+        Output::Table => emit(&format!(
+            "token: {token}\n\nAdd to sagad's --auth-tokens file, then send sagad SIGHUP:\n\n{lines}"
+        )),
+    }
 }
 
 /// `defs validate DIR`: every file of the folder checked as sagad checks it at start; the
@@ -634,31 +735,64 @@ async fn whole_history(
 pub struct Server {
     url: String,
     channel: Channel,
+    token: BearerToken,
 }
 
 impl Server {
     /// Connects, or says clearly why not.
-    pub async fn connect(server: &str) -> anyhow::Result<Server> {
+    pub async fn connect(server: &str, credentials: &Credentials) -> anyhow::Result<Server> {
         let url = if server.contains("://") {
             server.to_owned()
         } else {
             format!("http://{server}")
         };
-        if !url.starts_with("http://") {
-            bail!("--server {server:?}: only http:// addresses are supported");
+        let tls = url.starts_with("https://");
+        if !url.starts_with("http://") && !tls {
+            bail!("--server {server:?}: the address must start with http:// or https://");
         }
-        let endpoint = Endpoint::from_shared(url.clone())
+        let token = match &credentials.token {
+            Some(token) => Some(
+                format!("Bearer {}", token.trim())
+                    .parse()
+                    .map_err(|_| anyhow!("--token: a token is printable ASCII"))?,
+            ),
+            None => None,
+        };
+        let mut endpoint = Endpoint::from_shared(url.clone())
             .map_err(|error| anyhow!("--server {server:?} is not a valid address: {error}"))?
             .connect_timeout(CONNECT_TIMEOUT);
+        if tls {
+            let files = sagad_tls::ClientTlsFiles {
+                ca: credentials
+                    .ca
+                    .clone()
+                    .map(|path| FlaggedPath::new("--ca", path)),
+                identity: credentials.cert.clone().zip(credentials.key.clone()).map(
+                    |(cert, key)| {
+                        (
+                            FlaggedPath::new("--cert", cert),
+                            FlaggedPath::new("--key", key),
+                        )
+                    },
+                ),
+            };
+            endpoint = endpoint.tls_config(files.client_config()?)?;
+        } else if credentials.ca.is_some() || credentials.cert.is_some() {
+            bail!("--ca and --cert need an https:// --server, got {url}");
+        }
         let channel = endpoint
             .connect()
             .await
             .map_err(|error| anyhow!("cannot reach sagad at {url}: {}", error_chain(&error)))?;
-        Ok(Server { url, channel })
+        Ok(Server {
+            url,
+            channel,
+            token: BearerToken(token),
+        })
     }
 
     pub fn client(&self) -> Client {
-        SagaOrchestratorClient::new(self.channel.clone())
+        SagaOrchestratorClient::with_interceptor(self.channel.clone(), self.token.clone())
     }
 
     /// An RPC's answer, or its error in words (see [`error`](Self::error)).

@@ -14,7 +14,7 @@ use sagad_proto::participant::v1::{StepCommand, step_reply};
 use serde_json::Value;
 use tokio::sync::Semaphore;
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Request};
 
 use crate::document;
@@ -67,9 +67,11 @@ pub struct Call {
 impl Participants {
     /// Channels connect on first use, so a participant that is down at start only delays its
     /// steps.
+    /// `tls` is used for the `https://` addresses.
     pub fn new(
         addresses: &BTreeMap<String, String>,
         concurrency_per_participant: usize,
+        tls: &ClientTlsConfig,
     ) -> Result<Self, BadParticipantAddress> {
         let mut by_name = BTreeMap::new();
         for (name, uri) in addresses {
@@ -82,6 +84,13 @@ impl Participants {
                 .map_err(|error| bad(error.to_string()))?
                 .connect_timeout(Duration::from_secs(2))
                 .tcp_nodelay(true);
+            let endpoint = if uri.starts_with("https://") {
+                endpoint
+                    .tls_config(tls.clone())
+                    .map_err(|error| bad(error.to_string()))?
+            } else {
+                endpoint
+            };
             by_name.insert(
                 name.clone(),
                 Participant {

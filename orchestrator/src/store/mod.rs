@@ -75,6 +75,13 @@ pub enum StoreError {
     Database(Arc<sqlx::Error>),
     #[error("migration failed: {0}")]
     Migration(Arc<sqlx::migrate::MigrateError>),
+    /// The database was migrated by a newer release: running on it could misread what that
+    /// release wrote.
+    #[error(
+        "the database's schema is newer than this sagad knows (its migration {0} comes from a \
+         newer release): run the newer sagad, or give this one a database of its own"
+    )]
+    SchemaTooNew(i64),
     #[error("corrupt saga log for {saga_id} at seq {seq}: {message}")]
     CorruptLog {
         saga_id: Uuid,
@@ -341,7 +348,10 @@ pub struct Store {
 
 impl Store {
     /// Connects, creating the database if it is missing and retrying for up to `max_wait` while
-    /// the server is unreachable, then applies the migrations.
+    /// the server is unreachable, then applies the migrations. Replicas starting together
+    /// migrate one at a time: the migrator holds a Postgres advisory lock while it works, and
+    /// each finds what the one before applied. A database migrated by a newer release is
+    /// refused.
     pub async fn connect(url: &str, max_wait: Duration) -> Result<Store> {
         let options = session_settings(url.parse()?);
         let deadline = tokio::time::Instant::now() + max_wait;
@@ -363,7 +373,12 @@ impl Store {
         sqlx::migrate!("../migrations/orchestrator")
             .run(&store.pool)
             .await
-            .map_err(|error| StoreError::Migration(Arc::new(error)))?;
+            .map_err(|error| match error {
+                sqlx::migrate::MigrateError::VersionMissing(version) => {
+                    StoreError::SchemaTooNew(version)
+                }
+                other => StoreError::Migration(Arc::new(other)),
+            })?;
         Ok(store)
     }
 
@@ -383,8 +398,9 @@ impl Store {
             .await
             {
                 Ok(()) => {}
-                // Another process created it first.
-                Err(StoreError::Database(error)) if matches!(&*error, sqlx::Error::Database(e) if e.code().as_deref() == Some("42P04")) =>
+                // Another process created it first (found by name, or by the catalog's unique
+                // index when both creates ran at once).
+                Err(StoreError::Database(error)) if matches!(&*error, sqlx::Error::Database(e) if matches!(e.code().as_deref(), Some("42P04" | "23505"))) =>
                     {}
                 Err(error) => return Err(error),
             }

@@ -76,12 +76,14 @@ pub mod testing;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches};
 use sagad_proto::participant::v1::participant_server::ParticipantServer;
+pub use sagad_tls::{ServerTls, ServerTlsFiles};
 use sqlx::migrate::{MigrateDatabase, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres};
@@ -113,11 +115,33 @@ pub struct CommonArgs {
     /// `info`)
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Serve gRPC over TLS with this certificate chain (PEM); re-read on SIGHUP
+    #[arg(long, env = "TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM); re-read on SIGHUP
+    #[arg(long, env = "TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates (sagad's) signed by this CA (PEM): mutual TLS
+    #[arg(long, env = "TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 pub use sagad_telemetry::LogFormat;
 
 impl CommonArgs {
+    /// The server's TLS, read and checked, when the flags ask for it.
+    pub fn tls(&self) -> Result<Option<ServerTls>, sagad_tls::TlsError> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => ServerTls::load(ServerTlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.tls_client_ca.clone(),
+            })
+            .map(Some),
+            _ => Ok(None),
+        }
+    }
+
     pub fn faults(&self) -> Faults {
         Faults {
             transient_failure_rate: self.transient_failure_rate,
@@ -270,6 +294,10 @@ where
                 .parse()
                 .with_context(|| format!("--listen default {}", spec.default_listen))?,
         };
+        let tls = cli.common.tls()?;
+        if let Some(tls) = &tls {
+            tokio::spawn(reload_on_hangup(tls.clone()));
+        }
         let listener = TcpListener::bind(listen)
             .await
             .with_context(|| format!("--listen {listen}"))?;
@@ -282,7 +310,7 @@ where
         .context("--database-url")?;
         let faults = cli.common.faults();
         let parts = build(cli.extra, pool.clone()).await?;
-        serve(pool, parts, faults, listener, shutdown_signal()).await
+        serve(pool, parts, faults, listener, tls, shutdown_signal()).await
     });
     if let Err(error) = telemetry.shutdown() {
         eprintln!("{name}: exporting the last spans: {error}");
@@ -341,13 +369,32 @@ async fn try_connect(url: &str, options: PgConnectOptions) -> Result<PgPool, sql
         .await
 }
 
-/// Serves the participant (and `parts.routes`) on `listener`, with health, until `shutdown`
-/// resolves: then health says NOT_SERVING, calls in flight finish, and it returns.
+/// Reads the TLS files again on each SIGHUP, for the connections to come.
+async fn reload_on_hangup(tls: ServerTls) {
+    let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    else {
+        tracing::warn!("cannot listen for SIGHUP: the TLS files are read once");
+        return;
+    };
+    while hangup.recv().await.is_some() {
+        match tls.reload() {
+            Ok(()) => tracing::info!("the TLS files are read again; new connections use them"),
+            Err(error) => {
+                tracing::error!(%error, "the TLS files cannot be read; the ones in force stay");
+            }
+        }
+    }
+}
+
+/// Serves the participant (and `parts.routes`) on `listener`, over `tls` when given, with
+/// health, until `shutdown` resolves: then health says NOT_SERVING, calls in flight finish,
+/// and it returns.
 pub async fn serve<H: StepHandler>(
     pool: PgPool,
     parts: Parts<H>,
     faults: Faults,
     listener: TcpListener,
+    tls: Option<ServerTls>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -356,23 +403,34 @@ pub async fn serve<H: StepHandler>(
         .await;
     let participant =
         ParticipantServer::new(ParticipantService::new(pool.clone(), parts.handler, faults));
-    tracing::info!(listen = %listener.local_addr()?, "participant is serving");
+    tracing::info!(listen = %listener.local_addr()?, tls = tls.is_some(), "participant is serving");
     let shutdown_health = health.clone();
-    // Replies go out at once: without nodelay, Nagle's algorithm holds them back for the
-    // peer's delayed ACK (tens of milliseconds per call).
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
+    let stopped = async move {
+        shutdown.await;
+        tracing::info!("shutting down: finishing calls in flight");
+        shutdown_health
+            .set_not_serving::<ParticipantServer<ParticipantService<H>>>()
+            .await;
+    };
+    let router = tonic::transport::Server::builder()
         .add_routes(parts.routes)
         .add_service(health_service)
-        .add_service(participant)
-        .serve_with_incoming_shutdown(incoming, async move {
-            shutdown.await;
-            tracing::info!("shutting down: finishing calls in flight");
-            shutdown_health
-                .set_not_serving::<ParticipantServer<ParticipantService<H>>>()
-                .await;
-        })
-        .await?;
+        .add_service(participant);
+    match tls {
+        Some(tls) => {
+            router
+                .serve_with_incoming_shutdown(tls.incoming(listener), stopped)
+                .await?;
+        }
+        None => {
+            // Replies go out at once: without nodelay, Nagle's algorithm holds them back for
+            // the peer's delayed ACK (tens of milliseconds per call).
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            router
+                .serve_with_incoming_shutdown(incoming, stopped)
+                .await?;
+        }
+    }
     pool.close().await;
     tracing::info!("participant stopped");
     Ok(())

@@ -144,6 +144,7 @@ impl Served {
             Parts::new(handler),
             Faults::default(),
             listener,
+            None,
             async move {
                 let _ = stopped.await;
             },

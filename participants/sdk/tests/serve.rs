@@ -76,6 +76,7 @@ async fn serves_health_and_calls_and_stops_on_request() {
         parts,
         Faults::default(),
         listener,
+        None,
         async move {
             let _ = stopped.await;
         },

@@ -1,0 +1,499 @@
+//! Who may reach sagad and do what, against the real binaries: mutual TLS end to end (a client
+//! without a certificate refused, sagad reaching a real participant over TLS, a certificate
+//! rotated by SIGHUP used by new connections while an open one goes on), and bearer tokens
+//! (each role against each RPC, a removed token refused at once after SIGHUP, the token's name
+//! in the history of what it changed).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use sagad_e2e::demo::{ParticipantProcess, Service};
+use sagad_e2e::participant::{CallKind, Script};
+use sagad_e2e::tls::{TestPki, endpoint};
+use sagad_e2e::*;
+use sagad_proto::v1::saga_orchestrator_client::SagaOrchestratorClient;
+use sagad_proto::v1::{
+    CancelSagaRequest, GetSagaRequest, ListSagasRequest, RetrySagaRequest, SagaStatus,
+    StartSagaRequest, WatchSagaRequest,
+};
+use serde_json::json;
+use sqlx::Connection;
+use tonic::Code;
+use tonic::transport::{ClientTlsConfig, Identity};
+
+/// A definition with one step on the order participant: the demo's own action, so that its
+/// database says whether the call got through.
+const ORDER_ONLY: &str = r#"
+name = "order_only"
+version = 1
+
+[defaults]
+timeout = "5s"
+
+[[steps]]
+name = "create_order"
+participant = "order"
+action = "CreateOrder"
+compensation = "CancelOrder"
+"#;
+
+/// Waits until sagad's log shows `line`.
+async fn logged(sagad: &SagadProcess, line: &str) -> anyhow::Result<()> {
+    let until = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = std::fs::read_to_string(&sagad.log)?;
+        if log.contains(line) {
+            return Ok(());
+        }
+        ensure!(
+            tokio::time::Instant::now() < until,
+            "sagad did not log {line:?} within 30 s: {log}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn client_over(sagad: &SagadProcess, tls: &ClientTlsConfig) -> anyhow::Result<Client> {
+    let channel = endpoint(sagad.addr, Some(tls))?.connect().await?;
+    Ok(SagaOrchestratorClient::new(channel))
+}
+
+fn get_request(saga_id: &str) -> GetSagaRequest {
+    GetSagaRequest {
+        saga_id: saga_id.to_owned(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn mutual_tls_end_to_end_and_a_certificate_rotated_by_sighup() -> anyhow::Result<()> {
+    let pki = TestPki::new("mtls")?;
+    let (sagad_cert, sagad_key) = pki.server_cert("sagad")?;
+    let (order_cert, order_key) = pki.server_cert("order")?;
+    let path = |name: &str| pki.path(name).display().to_string();
+    let logs = Scratch::logs("mtls-logs")?;
+    let order_db = DatabaseGuard::new("mtls_order");
+    let sagad_db = DatabaseGuard::new("mtls_sagad");
+    // The participant asks sagad for its certificate too.
+    let order = ParticipantProcess::start_over(
+        Service::Order,
+        &order_db.url(),
+        &[
+            "--tls-cert".to_owned(),
+            order_cert.display().to_string(),
+            "--tls-key".to_owned(),
+            order_key.display().to_string(),
+            "--tls-client-ca".to_owned(),
+            path("ca.pem"),
+        ],
+        &[],
+        &logs,
+        Some(pki.client_config(true)),
+    )
+    .await?;
+    ensure!(order.uri().starts_with("https://"), "{}", order.uri());
+    let defs = Scratch::defs(&[("order_only.toml", ORDER_ONLY)])?;
+    let args: Vec<String> = [
+        "--database-url",
+        &sagad_db.url(),
+        "--defs",
+        &defs.display().to_string(),
+        "--participant",
+        &format!("order={}", order.uri()),
+        "--participant-ca",
+        &path("ca.pem"),
+        "--participant-cert",
+        &path("client.pem"),
+        "--participant-key",
+        &path("client.key"),
+        "--tls-cert",
+        &sagad_cert.display().to_string(),
+        "--tls-key",
+        &sagad_key.display().to_string(),
+        "--tls-client-ca",
+        &path("ca.pem"),
+        "--listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let sagad = SagadProcess::start_over(&args, &[], &logs, Some(&pki.client_config(true))).await?;
+
+    // With a certificate: a saga goes through, and the participant's database has the order.
+    let mut client = client_over(&sagad, &pki.client_config(true)).await?;
+    let saga_id = start_saga(
+        &mut client,
+        "order_only",
+        json!({"customer_id": "tls-customer", "amount_cents": 1234, "country": "FR"}),
+    )
+    .await?;
+    let saga = wait_terminal(&mut client, &saga_id, Duration::from_secs(60)).await?;
+    ensure!(
+        saga.status == SagaStatus::Completed as i32,
+        "the saga over TLS ended {:?}: {:?}",
+        saga.status,
+        saga.failure_reason
+    );
+    let mut db = sqlx::PgConnection::connect(&order_db.url()).await?;
+    let (customer, status): (String, String) =
+        sqlx::query_as("select customer_id, status from orders where saga_id = $1")
+            .bind(&saga_id)
+            .fetch_one(&mut db)
+            .await
+            .context("order-service recorded no order for the saga")?;
+    assert_eq!(
+        (customer.as_str(), status.as_str()),
+        ("tls-customer", "PENDING")
+    );
+
+    // sagactl over mutual TLS, and refused without its certificate.
+    let server = format!("https://{}", sagad.addr);
+    let ca = path("ca.pem");
+    let (cert, key) = (path("client.pem"), path("client.key"));
+    let got = cli::sagactl(&[
+        "--server", &server, "--ca", &ca, "--cert", &cert, "--key", &key, "--output", "json",
+        "get", &saga_id,
+    ])
+    .await?
+    .ok()?
+    .json()?;
+    assert_eq!(got["status"], json!("COMPLETED"), "{got}");
+    let refused = cli::sagactl(&["--server", &server, "--ca", &ca, "get", &saga_id]).await?;
+    ensure!(
+        !refused.status.success(),
+        "sagactl without a certificate was served: {}",
+        refused.stdout
+    );
+
+    // Without a certificate, or in plaintext: no call gets through.
+    let without = endpoint(sagad.addr, Some(&pki.client_config(false)))?;
+    let refused = match without.connect().await {
+        Err(_) => true,
+        Ok(channel) => SagaOrchestratorClient::new(channel)
+            .get_saga(get_request(&saga_id))
+            .await
+            .is_err(),
+    };
+    assert!(refused, "a client without a certificate was served");
+    let plaintext = match endpoint(sagad.addr, None)?.connect().await {
+        Err(_) => true,
+        Ok(channel) => SagaOrchestratorClient::new(channel)
+            .get_saga(get_request(&saga_id))
+            .await
+            .is_err(),
+    };
+    assert!(plaintext, "a plaintext client was served");
+
+    // Rotation: the certificate files are replaced by ones of another CA, then SIGHUP.
+    let other = TestPki::new("rotated")?;
+    let (new_cert, new_key) = other.server_cert("sagad")?;
+    let trusting_new = ClientTlsConfig::new()
+        .ca_certificate(other.ca_certificate())
+        .identity(pki_identity(&pki)?);
+    let before = endpoint(sagad.addr, Some(&trusting_new))?.connect().await;
+    let served_before = match before {
+        Err(_) => false,
+        Ok(channel) => SagaOrchestratorClient::new(channel)
+            .get_saga(get_request(&saga_id))
+            .await
+            .is_ok(),
+    };
+    assert!(!served_before, "the new CA was trusted before the rotation");
+    std::fs::copy(&new_cert, &sagad_cert)?;
+    std::fs::copy(&new_key, &sagad_key)?;
+    signals::send(sagad.pid().context("sagad has exited")?, "HUP").await?;
+    logged(&sagad, "the TLS files are read again").await?;
+    let mut rotated = client_over(&sagad, &trusting_new).await?;
+    rotated.get_saga(get_request(&saga_id)).await?;
+    // The connection opened before the rotation was not dropped.
+    client.get_saga(get_request(&saga_id)).await?;
+    let stale = match endpoint(sagad.addr, Some(&pki.client_config(true)))?
+        .connect()
+        .await
+    {
+        Err(_) => true,
+        Ok(channel) => SagaOrchestratorClient::new(channel)
+            .get_saga(get_request(&saga_id))
+            .await
+            .is_err(),
+    };
+    assert!(stale, "a new connection still got the old certificate");
+    Ok(())
+}
+
+fn pki_identity(pki: &TestPki) -> anyhow::Result<Identity> {
+    Ok(Identity::from_pem(
+        std::fs::read(pki.path("client.pem"))?,
+        std::fs::read(pki.path("client.key"))?,
+    ))
+}
+
+/// A `[[token]]` entry.
+fn token_entry(name: &str, role: &str, token: &str) -> String {
+    format!(
+        "[[token]]\nname = \"{name}\"\nrole = \"{role}\"\nsha256 = \"{}\"\n",
+        sagad::auth::token_hash(token)
+    )
+}
+
+fn with_token<T>(message: T, token: Option<&str>) -> anyhow::Result<tonic::Request<T>> {
+    let mut request = tonic::Request::new(message);
+    if let Some(token) = token {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse()?);
+    }
+    Ok(request)
+}
+
+/// The code each RPC answers with `token`; `saga_id` is a saga that exists.
+async fn codes(
+    client: &mut Client,
+    token: Option<&str>,
+    saga_id: &str,
+) -> anyhow::Result<Vec<(&'static str, Code)>> {
+    let code = |outcome: Result<Code, tonic::Status>| match outcome {
+        Ok(code) => code,
+        Err(status) => status.code(),
+    };
+    let start = client
+        .start_saga(with_token(
+            StartSagaRequest {
+                saga_type: "roles".to_owned(),
+                input: Some(to_struct(json!({}))),
+                ..Default::default()
+            },
+            token,
+        )?)
+        .await
+        .map(|_| Code::Ok);
+    let get = client
+        .get_saga(with_token(get_request(saga_id), token)?)
+        .await
+        .map(|_| Code::Ok);
+    let list = client
+        .list_sagas(with_token(ListSagasRequest::default(), token)?)
+        .await
+        .map(|_| Code::Ok);
+    let watch = client
+        .watch_saga(with_token(
+            WatchSagaRequest {
+                saga_id: saga_id.to_owned(),
+            },
+            token,
+        )?)
+        .await
+        .map(|_| Code::Ok);
+    // The saga has ended: the right role is told so, the wrong one is refused first.
+    let cancel = client
+        .cancel_saga(with_token(
+            CancelSagaRequest {
+                saga_id: saga_id.to_owned(),
+                reason: "role check".to_owned(),
+            },
+            token,
+        )?)
+        .await
+        .map(|_| Code::Ok);
+    let retry = client
+        .retry_saga(with_token(
+            RetrySagaRequest {
+                saga_id: saga_id.to_owned(),
+                reason: "role check".to_owned(),
+                skip_steps: Vec::new(),
+            },
+            token,
+        )?)
+        .await
+        .map(|_| Code::Ok);
+    Ok(vec![
+        ("StartSaga", code(start)),
+        ("GetSaga", code(get)),
+        ("ListSagas", code(list)),
+        ("WatchSaga", code(watch)),
+        ("CancelSaga", code(cancel)),
+        ("RetrySaga", code(retry)),
+    ])
+}
+
+#[tokio::test]
+async fn each_role_against_each_rpc_and_a_removed_token_refused_at_once() -> anyhow::Result<()> {
+    // The first saga's step hangs, so that it can be cancelled; every later call succeeds.
+    let script: Script = Arc::new(|call, before| {
+        if call.kind == CallKind::Execute && before.is_empty() {
+            participant::Answer::hang()
+        } else {
+            participant::default_answer(call)
+        }
+    });
+    let participant = FakeParticipant::start_scripted("p", script).await?;
+    let definition = "name = \"roles\"\nversion = 1\n\n[[steps]]\nname = \"a\"\n\
+                      participant = \"p\"\naction = \"Do\"\ncompensation = \"Undo\"\n";
+    let defs = Scratch::defs(&[("roles.toml", definition)])?;
+    let tokens = Scratch::with_files(
+        "tokens",
+        &[(
+            "tokens.toml",
+            &[
+                token_entry("viewer", "reader", "reader-token"),
+                token_entry("ops", "operator", "operator-token"),
+                token_entry("root", "admin", "admin-token"),
+            ]
+            .concat(),
+        )],
+    )?;
+    let tokens_file = tokens.join("tokens.toml");
+    let db = DatabaseGuard::new("roles");
+    let logs = Scratch::logs("roles-logs")?;
+    let args: Vec<String> = [
+        "--database-url",
+        &db.url(),
+        "--defs",
+        &defs.display().to_string(),
+        "--participant",
+        &participant.flag(),
+        "--auth-tokens",
+        &tokens_file.display().to_string(),
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let sagad = SagadProcess::start(&args, &logs).await?;
+    let mut client = sagad.client().await?;
+
+    // An operator starts a saga (its step hangs) and cancels it: the history says who.
+    let started = client
+        .start_saga(with_token(
+            StartSagaRequest {
+                saga_type: "roles".to_owned(),
+                input: Some(to_struct(json!({}))),
+                ..Default::default()
+            },
+            Some("operator-token"),
+        )?)
+        .await?
+        .into_inner();
+    let saga_id = started.saga_id;
+    let cancelled = client
+        .cancel_saga(with_token(
+            CancelSagaRequest {
+                saga_id: saga_id.clone(),
+                reason: "wrong order".to_owned(),
+            },
+            Some("operator-token"),
+        )?)
+        .await?
+        .into_inner();
+    let cancel_event = cancelled
+        .history
+        .iter()
+        .find(|event| event.r#type == "cancel_requested")
+        .context("no cancel_requested event")?;
+    assert_eq!(
+        to_json(&cancel_event.data)["requested_by"],
+        json!("ops"),
+        "{:?}",
+        cancel_event.data
+    );
+    let ended = loop {
+        let saga = client
+            .get_saga(with_token(get_request(&saga_id), Some("reader-token"))?)
+            .await?
+            .into_inner();
+        if is_terminal(saga.status) {
+            break saga;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(ended.status, SagaStatus::Compensated as i32);
+
+    // Each role against each RPC on the ended saga: the business answer once allowed.
+    use Code::{FailedPrecondition as Ended, Ok as Allowed, PermissionDenied as Denied};
+    let expected: [(Option<&str>, [Code; 6]); 5] = [
+        (None, [Code::Unauthenticated; 6]),
+        (Some("a-guess"), [Code::Unauthenticated; 6]),
+        (
+            Some("reader-token"),
+            [Denied, Allowed, Allowed, Allowed, Denied, Denied],
+        ),
+        (
+            Some("operator-token"),
+            [Allowed, Allowed, Allowed, Allowed, Ended, Denied],
+        ),
+        (
+            Some("admin-token"),
+            [Allowed, Allowed, Allowed, Allowed, Ended, Ended],
+        ),
+    ];
+    for (token, codes_expected) in expected {
+        let got = codes(&mut client, token, &saga_id).await?;
+        let got_codes: Vec<Code> = got.iter().map(|(_, code)| *code).collect();
+        assert_eq!(got_codes, codes_expected, "token {token:?}: {got:?}");
+    }
+    // sagactl sends its token from --token or SAGAD_TOKEN.
+    let server = format!("http://{}", sagad.addr);
+    let listed = cli::sagactl(&["--server", &server, "--token", "reader-token", "list"]).await?;
+    ensure!(
+        listed.status.success(),
+        "sagactl --token: {}",
+        listed.stderr
+    );
+    let denied = cli::sagactl_with_env(
+        &["--server", &server, "cancel", &saga_id],
+        &[("SAGAD_TOKEN", "reader-token")],
+    )
+    .await?;
+    ensure!(
+        !denied.status.success() && denied.stderr.contains("PERMISSION_DENIED"),
+        "sagactl with a reader's token cancelled: {}",
+        denied.stderr
+    );
+    // Health stays open without a token.
+    ensure!(daemon::serving(sagad.addr).await, "health needs no token");
+
+    // The operator's token removed from the file and SIGHUP: refused on the next call.
+    std::fs::write(
+        &tokens_file,
+        [
+            token_entry("viewer", "reader", "reader-token"),
+            token_entry("root", "admin", "admin-token"),
+        ]
+        .concat(),
+    )?;
+    signals::send(sagad.pid().context("sagad has exited")?, "HUP").await?;
+    logged(&sagad, "the token file is read again").await?;
+    let removed = client
+        .list_sagas(with_token(
+            ListSagasRequest::default(),
+            Some("operator-token"),
+        )?)
+        .await;
+    assert_eq!(
+        removed.err().map(|status| status.code()),
+        Some(Code::Unauthenticated)
+    );
+    client
+        .list_sagas(with_token(
+            ListSagasRequest::default(),
+            Some("reader-token"),
+        )?)
+        .await?;
+    // A file that cannot be read keeps the tokens in force.
+    std::fs::write(&tokens_file, "[[token]]\nname = \"broken\"\n")?;
+    signals::send(sagad.pid().context("sagad has exited")?, "HUP").await?;
+    logged(&sagad, "the token file cannot be read").await?;
+    client
+        .list_sagas(with_token(
+            ListSagasRequest::default(),
+            Some("admin-token"),
+        )?)
+        .await?;
+    // No token ever reaches the log.
+    let log = std::fs::read_to_string(&sagad.log)?;
+    for token in ["reader-token", "operator-token", "admin-token"] {
+        assert!(!log.contains(token), "the log holds {token}");
+    }
+    Ok(())
+}
