@@ -18,6 +18,7 @@ use uuid::Uuid;
 use crate::auth::{Authenticator, Role};
 use crate::document::{self, shorten};
 use crate::engine::{Engine, EngineError, StartRequest};
+use crate::limits::Limits;
 use crate::saga::{CannotRetry, Context, SagaStatus, StepStatus};
 use crate::store::{EventRecord, ListCursor, ListFilter, SagaRecord, StoreError};
 use sagad_telemetry::trace;
@@ -49,20 +50,51 @@ const MAX_SAGA_TYPE_BYTES: usize = 256;
 pub struct Api {
     engine: Engine,
     auth: Authenticator,
+    limits: Limits,
+}
+
+/// Who a request comes from.
+struct Caller {
+    /// For the history of what it changes: the token's name with tokens on, else the client's
+    /// address.
+    who: String,
+    /// Whose share of the limits it takes: the token's name, else the client's IP address.
+    limited_as: String,
 }
 
 impl Api {
-    pub fn new(engine: Engine, auth: Authenticator) -> Self {
-        Self { engine, auth }
+    pub fn new(engine: Engine, auth: Authenticator, limits: Limits) -> Self {
+        Self {
+            engine,
+            auth,
+            limits,
+        }
     }
 
-    /// The request's right to `needed`, and who it is for the history of what it changes:
-    /// the token's name with tokens on, else the client's address.
-    fn authorize<T>(&self, request: &Request<T>, needed: Role) -> Result<String, Status> {
-        match self.auth.authorize(request.metadata(), needed)? {
-            Some(caller) => Ok(caller.name),
-            None => Ok(who_asks(request)),
-        }
+    /// The request's right to `needed`, and who it comes from: the token's owner as
+    /// [`authenticate`] found it before the message was decoded, else (a service built without
+    /// it) as the metadata says.
+    fn authorize<T>(&self, request: &Request<T>, needed: Role) -> Result<Caller, Status> {
+        let token_owner = match request.extensions().get::<crate::auth::Caller>() {
+            Some(caller) => {
+                crate::auth::permit(caller, needed)?;
+                Some(caller.clone())
+            }
+            None => self.auth.authorize(request.metadata(), needed)?,
+        };
+        Ok(match token_owner {
+            Some(caller) => Caller {
+                limited_as: caller.name.clone(),
+                who: caller.name,
+            },
+            None => Caller {
+                who: who_asks(request),
+                limited_as: request
+                    .remote_addr()
+                    .map(|address| address.ip().to_string())
+                    .unwrap_or_else(|| "a client".to_owned()),
+            },
+        })
     }
 }
 
@@ -101,7 +133,9 @@ impl SagaOrchestrator for Api {
         &self,
         request: Request<pb::StartSagaRequest>,
     ) -> Result<Response<pb::StartSagaResponse>, Status> {
-        self.authorize(&request, Role::Operator)?;
+        let caller = self.authorize(&request, Role::Operator)?;
+        self.limits
+            .admit_start(&caller.limited_as, std::time::Instant::now())?;
         // The saga's trace continues the caller's, when it sent one (an invalid one is
         // ignored, as W3C says); else it is a trace of its own.
         let caller_trace = trace::from_metadata(request.metadata());
@@ -247,12 +281,17 @@ impl SagaOrchestrator for Api {
         &self,
         request: Request<pb::WatchSagaRequest>,
     ) -> Result<Response<Self::WatchSagaStream>, Status> {
-        self.authorize(&request, Role::Reader)?;
+        let caller = self.authorize(&request, Role::Reader)?;
+        let permit = self.limits.open_watch(&caller.limited_as)?;
         let saga_id = parse_saga_id(&request.into_inner().saga_id)?;
         let events = self.engine.watch(saga_id).await?;
-        let stream = futures::stream::unfold(events, |mut events| async move {
+        // The permit lives as long as the stream: its end, or the client's going, frees it.
+        let stream = futures::stream::unfold((events, permit), |(mut events, permit)| async move {
             let event = events.recv().await?;
-            Some((event.map(event_message).map_err(Status::from), events))
+            Some((
+                event.map(event_message).map_err(Status::from),
+                (events, permit),
+            ))
         });
         Ok(Response::new(Box::pin(stream)))
     }
@@ -261,7 +300,7 @@ impl SagaOrchestrator for Api {
         &self,
         request: Request<pb::CancelSagaRequest>,
     ) -> Result<Response<pb::Saga>, Status> {
-        let requested_by = self.authorize(&request, Role::Operator)?;
+        let requested_by = self.authorize(&request, Role::Operator)?.who;
         let request = request.into_inner();
         let saga_id = parse_saga_id(&request.saga_id)?;
         check_text("reason", &request.reason, MAX_REASON_BYTES)?;
@@ -284,7 +323,7 @@ impl SagaOrchestrator for Api {
         &self,
         request: Request<pb::RetrySagaRequest>,
     ) -> Result<Response<pb::Saga>, Status> {
-        let requested_by = self.authorize(&request, Role::Admin)?;
+        let requested_by = self.authorize(&request, Role::Admin)?.who;
         let request = request.into_inner();
         let saga_id = parse_saga_id(&request.saga_id)?;
         check_text("reason", &request.reason, MAX_REASON_BYTES)?;
@@ -304,6 +343,20 @@ impl SagaOrchestrator for Api {
             self.with_history(&record, 0, DEFAULT_HISTORY_PAGE_SIZE)
                 .await?,
         ))
+    }
+}
+
+/// The service's first look at a request, before its message is decoded: a request with no
+/// or an unknown token is refused here, so that it costs no decoding; the token's owner goes
+/// on in the request's extensions.
+pub fn authenticate(
+    auth: Authenticator,
+) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |mut request: Request<()>| {
+        if let Some(caller) = auth.authenticate(request.metadata())? {
+            request.extensions_mut().insert(caller);
+        }
+        Ok(request)
     }
 }
 

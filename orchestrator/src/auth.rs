@@ -185,6 +185,16 @@ impl Authenticator {
         metadata: &MetadataMap,
         needed: Role,
     ) -> Result<Option<Caller>, Status> {
+        let caller = self.authenticate(metadata)?;
+        if let Some(caller) = &caller {
+            permit(caller, needed)?;
+        }
+        Ok(caller)
+    }
+
+    /// Who the request's token belongs to; with tokens off, `Ok(None)`. No or an unknown
+    /// token: `UNAUTHENTICATED`. Run before the request's message is even decoded.
+    pub fn authenticate(&self, metadata: &MetadataMap) -> Result<Option<Caller>, Status> {
         let Some((_, table)) = &self.file else {
             return Ok(None);
         };
@@ -196,16 +206,21 @@ impl Authenticator {
         let caller = table
             .find(token)
             .ok_or_else(|| Status::unauthenticated("the bearer token is not known"))?;
-        if caller.role < needed {
-            return Err(Status::permission_denied(format!(
-                "token {:?} has the role {}; this needs {}",
-                caller.name,
-                caller.role.name(),
-                needed.name()
-            )));
-        }
         Ok(Some(caller.clone()))
     }
+}
+
+/// Whether `caller`'s role allows what needs `needed`: else `PERMISSION_DENIED`.
+pub fn permit(caller: &Caller, needed: Role) -> Result<(), Status> {
+    if caller.role < needed {
+        return Err(Status::permission_denied(format!(
+            "token {:?} has the role {}; this needs {}",
+            caller.name,
+            caller.role.name(),
+            needed.name()
+        )));
+    }
+    Ok(())
 }
 
 fn bearer_token(metadata: &MetadataMap) -> Result<&str, Status> {

@@ -92,6 +92,29 @@ pub struct Config {
     #[arg(long, env = "SAGAD_AUTH_TOKENS")]
     pub auth_tokens: Option<PathBuf>,
 
+    /// The largest request message sagad reads; a larger one is refused with
+    /// RESOURCE_EXHAUSTED before it is decoded.
+    #[arg(long, env = "SAGAD_MAX_REQUEST_BYTES", default_value_t = 1024 * 1024,
+          value_parser = clap::value_parser!(u32).range(64 * 1024..=64 * 1024 * 1024))]
+    pub max_request_bytes: u32,
+
+    /// HTTP/2 streams (calls in flight) one connection may have open at once.
+    #[arg(long, env = "SAGAD_MAX_CONCURRENT_STREAMS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_concurrent_streams: u32,
+
+    /// WatchSaga streams one client (a token, or an IP address without tokens) may have open
+    /// at once; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "SAGAD_MAX_WATCHES_PER_CLIENT", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_watches_per_client: u32,
+
+    /// Sagas one client (a token, or an IP address without tokens) may start per second, in
+    /// bursts of up to a second's worth; more are refused with RESOURCE_EXHAUSTED and a
+    /// `retry-after-ms` hint. 0: no limit.
+    #[arg(long, env = "SAGAD_START_RATE", default_value_t = 0)]
+    pub start_rate: u32,
+
     /// Allow gRPC in plaintext on an address other than loopback.
     #[arg(long)]
     pub insecure: bool,

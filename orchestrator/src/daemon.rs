@@ -13,6 +13,7 @@ use futures::{Stream, StreamExt};
 use sagad_proto::v1::saga_orchestrator_server::SagaOrchestratorServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 
 use crate::api::Api;
@@ -21,6 +22,7 @@ use crate::config::Config;
 use crate::definition::DefinitionSet;
 use crate::engine::{Engine, LeaseTiming, Participants};
 use crate::http::Readiness;
+use crate::limits::Limits;
 use crate::store::{Store, Writer};
 use crate::telemetry::{ActivityGauges, Metrics};
 use sagad_tls::ServerTls;
@@ -166,10 +168,19 @@ pub async fn serve(
         // them up; h2's default of 20 such streams then ends the whole connection, and every
         // other request on it. The limit stays (it guards against rapid-reset floods), higher.
         .http2_max_pending_accept_reset_streams(Some(1024))
+        .max_concurrent_streams(Some(config.max_concurrent_streams))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(SagaOrchestratorServer::new(Api::new(engine.clone(), auth)));
+        .add_service(InterceptedService::new(
+            SagaOrchestratorServer::new(Api::new(
+                engine.clone(),
+                auth.clone(),
+                Limits::new(config.start_rate, config.max_watches_per_client),
+            ))
+            .max_decoding_message_size(config.max_request_bytes as usize),
+            crate::api::authenticate(auth.clone()),
+        ));
     let stopped = stop_serving.clone().cancelled_owned();
     let mut server: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
         match &tls {

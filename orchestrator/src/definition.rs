@@ -32,7 +32,25 @@ const MAX_ATTEMPTS_LIMIT: u32 = 1000;
 /// Guard for [`RetryPolicy::delay_after`] on policies that never settle (only possible for
 /// unvalidated ones): the schedule is cut after this many steps instead of looping for ages.
 const MAX_SCHEDULE_STEPS: u32 = 100_000;
+/// The most steps a definition may have: every saga of it carries one step state per step in
+/// each answer and in memory.
+pub const MAX_STEPS: usize = 100;
+/// The largest definition file (or schema file) read: a definition is a page of TOML.
+pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
 /// The `file` of errors about definitions that did not come from a file.
+/// A file's text, refused unread when it is larger than [`MAX_FILE_BYTES`].
+fn read_bounded(path: &Path) -> Result<String, String> {
+    let size = std::fs::metadata(path)
+        .map_err(|err| format!("cannot read: {err}"))?
+        .len();
+    if size > MAX_FILE_BYTES {
+        return Err(format!(
+            "{size} bytes, more than the {MAX_FILE_BYTES} a definition file may have"
+        ));
+    }
+    std::fs::read_to_string(path).map_err(|err| format!("cannot read: {err}"))
+}
+
 #[cfg(test)]
 const MEMORY_FILE: &str = "<memory>";
 /// Longest echo of an input value or a property name in an error, in characters: a huge input
@@ -375,8 +393,8 @@ impl DefinitionSet {
         let mut errors = Vec::new();
         for path in files {
             let file = path.display().to_string();
-            let loaded = std::fs::read_to_string(&path)
-                .map_err(|err| DefinitionError::new(&file, "-", format!("cannot read: {err}")))
+            let loaded = read_bounded(&path)
+                .map_err(|err| DefinitionError::new(&file, "-", err))
                 .and_then(|text| SagaDefinition::parse(&text, &file, dir))
                 .and_then(|(definition, validator)| set.insert(definition, validator, &file));
             if let Err(err) = loaded {
@@ -656,6 +674,12 @@ impl RawFile {
         let raw_steps = self
             .steps
             .ok_or_else(|| FieldError::new("steps", "at least one step is required"))?;
+        if raw_steps.len() > MAX_STEPS {
+            return Err(FieldError::new(
+                "steps",
+                format!("at most {MAX_STEPS} steps, got {}", raw_steps.len()),
+            ));
+        }
         let mut steps = Vec::with_capacity(raw_steps.len());
         for (i, step) in raw_steps.into_iter().enumerate() {
             let prefix = format!("steps[{i}]");
@@ -849,9 +873,8 @@ fn load_schema(raw: toml::Value, folder: &Path) -> Result<(Value, Option<String>
             }
             let path = folder.join(relative);
             let shown = path.display().to_string();
-            let text = std::fs::read_to_string(&path).map_err(|err| {
-                FieldError::new(SCHEMA_FIELD, format!("cannot read {shown}: {err}"))
-            })?;
+            let text = read_bounded(&path)
+                .map_err(|err| FieldError::new(SCHEMA_FIELD, format!("{shown}: {err}")))?;
             let schema = serde_json::from_str(&text).map_err(|err| {
                 FieldError::new(SCHEMA_FIELD, format!("{shown} is not valid JSON: {err}"))
             })?;
@@ -1461,6 +1484,34 @@ retry = { max_attempts = 2 }
     fn edit(from: &str, to: &str) -> String {
         assert!(BASE.contains(from), "BASE has no {from:?}");
         BASE.replacen(from, to, 1)
+    }
+
+    #[test]
+    fn too_many_steps_or_too_large_a_file_is_refused() {
+        let mut text = "name = \"long\"\nversion = 1\n".to_owned();
+        for i in 0..=MAX_STEPS {
+            text.push_str(&format!(
+                "\n[[steps]]\nname = \"s{i}\"\nparticipant = \"p\"\naction = \"A\"\n"
+            ));
+        }
+        let error = SagaDefinition::from_toml_str(&text, "long.toml")
+            .err()
+            .map(|error| error.to_string())
+            .unwrap_or_default();
+        assert!(
+            error.contains("steps") && error.contains("at most 100"),
+            "{error}"
+        );
+
+        let dir = std::env::temp_dir().join(format!("sagad-defs-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("temp folder");
+        let padding = "#".repeat(MAX_FILE_BYTES as usize);
+        std::fs::write(dir.join("big.toml"), format!("{BASE}\n{padding}\n")).expect("write");
+        let errors = DefinitionSet::validate_dir(&dir).err().unwrap_or_default();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].to_string().contains("big.toml"), "{errors:?}");
+        assert!(errors[0].to_string().contains("more than"), "{errors:?}");
     }
 
     #[test]

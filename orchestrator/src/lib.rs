@@ -14,6 +14,7 @@ pub mod definition;
 pub mod document;
 pub mod engine;
 pub mod http;
+pub mod limits;
 pub mod saga;
 pub mod store;
 pub mod telemetry;

@@ -161,12 +161,28 @@ pub async fn call_raw(
     body: Vec<u8>,
     timeout: Option<Duration>,
 ) -> anyhow::Result<Result<Vec<u8>, tonic::Status>> {
+    call_raw_as(channel, method, body, timeout, None).await
+}
+
+/// [`call_raw`] with `authorization: Bearer <token>` when a token is given.
+pub async fn call_raw_as(
+    channel: Channel,
+    method: &str,
+    body: Vec<u8>,
+    timeout: Option<Duration>,
+    token: Option<&str>,
+) -> anyhow::Result<Result<Vec<u8>, tonic::Status>> {
     let path = PathAndQuery::try_from(format!("{SERVICE}/{method}"))?;
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await?;
     let mut request = tonic::Request::new(body);
     if let Some(timeout) = timeout {
         request.set_timeout(timeout);
+    }
+    if let Some(token) = token {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse()?);
     }
     Ok(grpc
         .unary(request, path, RawCodec)

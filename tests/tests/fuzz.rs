@@ -5,9 +5,14 @@
 //! request the contract refuses must be refused; and afterwards sagad still runs, every saga it
 //! recorded ends and reads back, the listing pages through them all, and no cent is lost.
 //!
+//! A second run does the same against a sagad with tokens on and a start rate limit: each
+//! request carries the operator's token, a reader's, an unknown one or none, and must be
+//! refused exactly as the roles say (UNAUTHENTICATED, PERMISSION_DENIED) or, past the rate,
+//! with RESOURCE_EXHAUSTED; the same checks follow.
+//!
 //! The seed is printed first: `SAGAD_FUZZ_SEED=<seed>` replays the same requests (their
 //! interleaving, and which known saga an id-picking request gets, may differ).
-//! `SAGAD_FUZZ_REQUESTS` sets how many requests are sent (default 3000).
+//! `SAGAD_FUZZ_REQUESTS` sets how many requests are sent (default 3000, 1500 with tokens).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -26,6 +31,13 @@ use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 
 const DEFAULT_REQUESTS: usize = 3000;
+const DEFAULT_SECURED_REQUESTS: usize = 1500;
+/// The tokens of the run with tokens on.
+const OPERATOR_TOKEN: &str = "fuzz-operator-token";
+const READER_TOKEN: &str = "fuzz-reader-token";
+/// Starts per second the run with tokens on lets one token make: below the rate 16 requests in
+/// flight send, so that many starts are turned away.
+const START_RATE: &str = "40";
 /// Requests in flight at once, all over one connection.
 const IN_FLIGHT: usize = 16;
 /// Customers the valid orders share, so their charges race for the same balances.
@@ -42,6 +54,38 @@ const CHECK_PAGE_SIZE: u32 = 100;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fuzzed_requests_never_break_sagad() -> anyhow::Result<()> {
+    run("fuzz", None, DEFAULT_REQUESTS).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fuzzed_requests_with_tokens_and_limits_never_break_sagad() -> anyhow::Result<()> {
+    let tokens = sagad_e2e::Scratch::with_files(
+        "fuzz-tokens",
+        &[(
+            "tokens.toml",
+            &format!(
+                "[[token]]\nname = \"fuzzer\"\nrole = \"operator\"\nsha256 = \"{}\"\n\n\
+                 [[token]]\nname = \"peeker\"\nrole = \"reader\"\nsha256 = \"{}\"\n",
+                sagad::auth::token_hash(OPERATOR_TOKEN),
+                sagad::auth::token_hash(READER_TOKEN)
+            ),
+        )],
+    )?;
+    let args = vec![
+        "--auth-tokens".to_owned(),
+        tokens.join("tokens.toml").display().to_string(),
+        "--start-rate".to_owned(),
+        START_RATE.to_owned(),
+    ];
+    run("fuzz_secured", Some(args), DEFAULT_SECURED_REQUESTS).await
+}
+
+/// One fuzzing run; `secured`: the flags that turn tokens and limits on.
+async fn run(
+    label: &str,
+    secured: Option<Vec<String>>,
+    default_requests: usize,
+) -> anyhow::Result<()> {
     let seed = match std::env::var("SAGAD_FUZZ_SEED") {
         Ok(text) => text
             .trim()
@@ -55,26 +99,33 @@ async fn fuzzed_requests_never_break_sagad() -> anyhow::Result<()> {
             .trim()
             .parse()
             .with_context(|| format!("SAGAD_FUZZ_REQUESTS={text:?} is not a count"))?,
-        Err(_) => DEFAULT_REQUESTS,
+        Err(_) => default_requests,
     };
     let began = Instant::now();
-    let mut system = DemoSystem::start(
-        "fuzz",
-        &repo_root().join("saga-defs"),
-        DemoOptions::default(),
-    )
-    .await?;
-    let outcome = fuzz(&mut system, seed, requests).await;
+    let options = DemoOptions {
+        sagad_args: secured.clone().unwrap_or_default(),
+        ..DemoOptions::default()
+    };
+    let mut system = DemoSystem::start(label, &repo_root().join("saga-defs"), options).await?;
+    let outcome = fuzz(&mut system, seed, requests, secured.is_some()).await;
     let outcome = system.shut_down_after(outcome).await;
     println!("fuzz seed {seed}: {:?} in all", began.elapsed());
     outcome
 }
 
-async fn fuzz(system: &mut DemoSystem, seed: u64, requests: usize) -> anyhow::Result<()> {
+async fn fuzz(
+    system: &mut DemoSystem,
+    seed: u64,
+    requests: usize,
+    secured: bool,
+) -> anyhow::Result<()> {
     let channel = Endpoint::from_shared(system.server())?.connect().await?;
     let client = SagaOrchestratorClient::new(channel.clone());
     let mut generator = Generator::new(seed);
-    let mut tally = Tally::default();
+    let mut tally = Tally {
+        secured,
+        ..Tally::default()
+    };
     let mut running = JoinSet::new();
     let sending = Instant::now();
     for _ in 0..requests {
@@ -84,16 +135,23 @@ async fn fuzz(system: &mut DemoSystem, seed: u64, requests: usize) -> anyhow::Re
             }
         }
         let case = generator.case();
+        let credential = if secured {
+            generator.credential()
+        } else {
+            Credential::Operator
+        };
         let (call, note) = tally.resolve(case.call);
         let sent = Sent {
             rpc: case.rpc,
             what: case.what + note.unwrap_or_default(),
             deadline: case.deadline,
             expect: case.expect,
+            credential,
         };
         let (client, channel) = (client.clone(), channel.clone());
+        let token = if secured { credential.token() } else { None };
         running.spawn(async move {
-            let answer = send(client, channel, call, sent.deadline).await?;
+            let answer = send(client, channel, call, sent.deadline, token).await?;
             anyhow::Ok((sent, answer))
         });
     }
@@ -148,7 +206,7 @@ async fn fuzz(system: &mut DemoSystem, seed: u64, requests: usize) -> anyhow::Re
     if let Some(status) = system.replica_exited(0)? {
         problems.push(format!("sagad exited during the run: {status}"));
     }
-    problems.extend(check_after(system).await?);
+    problems.extend(check_after(system, secured.then_some(OPERATOR_TOKEN)).await?);
     ensure!(
         problems.is_empty(),
         "fuzz seed {seed} (replay with SAGAD_FUZZ_SEED={seed}): {} problems:\n{}",
@@ -222,6 +280,27 @@ struct Sent {
     what: String,
     deadline: Option<Duration>,
     expect: Expect,
+    credential: Credential,
+}
+
+/// The token a request carries when tokens are on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Credential {
+    Operator,
+    Reader,
+    Unknown,
+    Missing,
+}
+
+impl Credential {
+    fn token(self) -> Option<&'static str> {
+        match self {
+            Credential::Operator => Some(OPERATOR_TOKEN),
+            Credential::Reader => Some(READER_TOKEN),
+            Credential::Unknown => Some("a-token-nobody-issued"),
+            Credential::Missing => None,
+        }
+    }
 }
 
 /// sagad's answer, as much of it as the checks need.
@@ -242,19 +321,29 @@ async fn send(
     channel: Channel,
     call: Call,
     deadline: Option<Duration>,
+    token: Option<&'static str>,
 ) -> anyhow::Result<Result<Answer, tonic::Status>> {
-    fn request<T>(message: T, deadline: Option<Duration>) -> tonic::Request<T> {
+    fn request<T>(
+        message: T,
+        deadline: Option<Duration>,
+        token: Option<&str>,
+    ) -> anyhow::Result<tonic::Request<T>> {
         let mut request = tonic::Request::new(message);
         if let Some(deadline) = deadline {
             request.set_timeout(deadline);
         }
-        request
+        if let Some(token) = token {
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse()?);
+        }
+        Ok(request)
     }
     Ok(match call {
         Call::Start(message) => {
             let sent_input = message.input.clone();
             client
-                .start_saga(request(message, deadline))
+                .start_saga(request(message, deadline, token)?)
                 .await
                 .map(|reply| {
                     let reply = reply.into_inner();
@@ -267,18 +356,18 @@ async fn send(
                 })
         }
         Call::Get(_, message) => client
-            .get_saga(request(message, deadline))
+            .get_saga(request(message, deadline, token)?)
             .await
             .map(|_| Answer::Other),
         Call::List(message) => client
-            .list_sagas(request(message, deadline))
+            .list_sagas(request(message, deadline, token)?)
             .await
             .map(|_| Answer::Other),
         Call::Cancel(_, message) => client
-            .cancel_saga(request(message, deadline))
+            .cancel_saga(request(message, deadline, token)?)
             .await
             .map(|_| Answer::Other),
-        Call::Raw(method, body) => wire::call_raw(channel, method, body, deadline)
+        Call::Raw(method, body) => wire::call_raw_as(channel, method, body, deadline, token)
             .await?
             .map(|_| Answer::Other),
     })
@@ -287,6 +376,8 @@ async fn send(
 /// What the answers showed so far.
 #[derive(Default)]
 struct Tally {
+    /// Tokens and limits are on.
+    secured: bool,
     counts: BTreeMap<(String, String), usize>,
     /// Saga ids StartSaga answered with, in the order the answers came.
     known: Vec<String>,
@@ -353,6 +444,44 @@ impl Tally {
                     .unwrap_or_default()
             )
         };
+        // With tokens on, a request with no or an unknown token is refused before its message
+        // is read; one whose token lacks the role is refused once it is read (a message that
+        // cannot be decoded is refused as such first).
+        let needs_operator = matches!(
+            sent.rpc,
+            Rpc::StartSaga | Rpc::CancelSaga | Rpc::Raw("StartSaga" | "CancelSaga")
+        );
+        let refused_for_credential = match sent.credential {
+            Credential::Missing | Credential::Unknown => Some(Code::Unauthenticated),
+            Credential::Reader if needs_operator => Some(Code::PermissionDenied),
+            _ => None,
+        };
+        if let Some(want) = refused_for_credential {
+            let right = match &answer {
+                Ok(_) => false,
+                Err(status) => {
+                    status.code() == want
+                        || timed_out(status)
+                        || (want == Code::PermissionDenied
+                            && status.code() == Code::InvalidArgument
+                            && status
+                                .message()
+                                .starts_with("the message is not valid protobuf"))
+                }
+            };
+            if !right {
+                self.problems.push(format!(
+                    "{} with credential {:?} answered {}, want {want:?}",
+                    described(),
+                    sent.credential,
+                    match &answer {
+                        Ok(_) => "OK".to_owned(),
+                        Err(status) => short(status),
+                    }
+                ));
+            }
+            return;
+        }
         match answer {
             Err(status) if !timed_out(&status) && lost(&status) => {
                 self.lost += 1;
@@ -373,7 +502,12 @@ impl Tally {
                     }
                     return;
                 }
-                let refused = matches!(status.code(), Code::InvalidArgument | Code::OutOfRange);
+                // Past the start rate, any start may be turned away before it is read.
+                let rate_limited = self.secured
+                    && matches!(sent.rpc, Rpc::StartSaga | Rpc::Raw("StartSaga"))
+                    && status.code() == Code::ResourceExhausted;
+                let refused = matches!(status.code(), Code::InvalidArgument | Code::OutOfRange)
+                    || rate_limited;
                 if matches!(sent.expect, Expect::Refused) && !refused && !timed_out(&status) {
                     self.problems.push(format!(
                         "{} answered {}, want INVALID_ARGUMENT",
@@ -481,6 +615,16 @@ impl Generator {
             case.deadline = Some(Duration::from_millis(self.rng.u64(1..=15)));
         }
         case
+    }
+
+    /// Mostly the operator's token, sometimes a reader's, an unknown one or none.
+    fn credential(&mut self) -> Credential {
+        match self.rng.u32(0..100) {
+            0..80 => Credential::Operator,
+            80..90 => Credential::Reader,
+            90..95 => Credential::Unknown,
+            _ => Credential::Missing,
+        }
     }
 
     fn pick<T: Clone>(&mut self, items: &[T]) -> T {
@@ -1208,7 +1352,7 @@ fn now_micros() -> i64 {
 /// After the requests: every saga recorded ends (COMPLETED or COMPENSATED) and reads back,
 /// the listing pages through them all, and each customer's balance is the default minus what
 /// its completed sagas charged.
-async fn check_after(system: &DemoSystem) -> anyhow::Result<Vec<String>> {
+async fn check_after(system: &DemoSystem, token: Option<&str>) -> anyhow::Result<Vec<String>> {
     let mut problems = Vec::new();
     let mut db = system.orchestrator_db().await?;
     let waited = Instant::now();
@@ -1235,7 +1379,18 @@ async fn check_after(system: &DemoSystem) -> anyhow::Result<Vec<String>> {
     }
 
     let channel = Endpoint::from_shared(system.server())?.connect().await?;
-    let mut client = SagaOrchestratorClient::new(channel)
+    let authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> = token
+        .map(|token| format!("Bearer {token}").parse())
+        .transpose()?;
+    let with_token = move |mut request: tonic::Request<()>| {
+        if let Some(value) = &authorization {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    };
+    let mut client = SagaOrchestratorClient::with_interceptor(channel, with_token)
         .max_decoding_message_size(BIG_REPLIES)
         .max_encoding_message_size(BIG_REPLIES);
     let mut unreadable: BTreeMap<String, (usize, String)> = BTreeMap::new();

@@ -497,3 +497,107 @@ async fn each_role_against_each_rpc_and_a_removed_token_refused_at_once() -> any
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn limits_refuse_what_is_too_much_and_a_clients_deadline_bounds_the_wait()
+-> anyhow::Result<()> {
+    // Every call hangs: the saga stays running while the test watches it.
+    let script: Script = Arc::new(|_, _| participant::Answer::hang());
+    let participant = FakeParticipant::start_scripted("p", script).await?;
+    let definition = "name = \"limits\"\nversion = 1\n\n[[steps]]\nname = \"a\"\n\
+                      participant = \"p\"\naction = \"Do\"\n";
+    let defs = Scratch::defs(&[("limits.toml", definition)])?;
+    let db = DatabaseGuard::new("limits");
+    let logs = Scratch::logs("limits-logs")?;
+    let args: Vec<String> = [
+        "--database-url",
+        &db.url(),
+        "--defs",
+        &defs.display().to_string(),
+        "--participant",
+        &participant.flag(),
+        "--max-watches-per-client",
+        "2",
+        "--max-request-bytes",
+        "65536",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let sagad = SagadProcess::start(&args, &logs).await?;
+    let mut client = sagad.client().await?;
+    let saga_id = start_saga(&mut client, "limits", json!({})).await?;
+
+    // Two streams open; the third is refused until one closes.
+    let watch = |client: &mut Client| {
+        let mut client = client.clone();
+        let saga_id = saga_id.clone();
+        async move {
+            client
+                .watch_saga(WatchSagaRequest { saga_id })
+                .await
+                .map(tonic::Response::into_inner)
+        }
+    };
+    let first = watch(&mut client).await?;
+    let _second = watch(&mut client).await?;
+    let third = watch(&mut client).await.err().map(|status| status.code());
+    assert_eq!(third, Some(Code::ResourceExhausted));
+    drop(first);
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match watch(&mut client).await {
+            Ok(_) => break,
+            Err(status) if status.code() == Code::ResourceExhausted => {
+                ensure!(
+                    tokio::time::Instant::now() < until,
+                    "a closed stream did not free its place"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(status) => return Err(status.into()),
+        }
+    }
+
+    // A request larger than --max-request-bytes is refused unread, and nothing breaks.
+    let big = client
+        .start_saga(StartSagaRequest {
+            saga_type: "limits".to_owned(),
+            input: Some(to_struct(json!({"blob": "x".repeat(100 * 1024)}))),
+            ..Default::default()
+        })
+        .await
+        .err()
+        .map(|status| status.code());
+    ensure!(
+        matches!(big, Some(Code::OutOfRange | Code::ResourceExhausted)),
+        "a request over the limit answered {big:?}"
+    );
+
+    // A long-poll for a version that never comes ends with the client's deadline, not the
+    // minute it asked to wait.
+    let mut request = tonic::Request::new(GetSagaRequest {
+        saga_id: saga_id.clone(),
+        min_version: 1000,
+        wait_ms: 60_000,
+        ..Default::default()
+    });
+    request.set_timeout(Duration::from_millis(300));
+    let asked = std::time::Instant::now();
+    let waited = client
+        .get_saga(request)
+        .await
+        .err()
+        .map(|status| status.code());
+    let took = asked.elapsed();
+    ensure!(
+        matches!(waited, Some(Code::DeadlineExceeded | Code::Cancelled)),
+        "the long-poll answered {waited:?}"
+    );
+    ensure!(
+        took < Duration::from_secs(30),
+        "the long-poll outlived the client's deadline: {took:?}"
+    );
+    // sagad still serves.
+    get_saga(&mut client, &saga_id).await?;
+    Ok(())
+}
