@@ -59,6 +59,17 @@ async fn client_over(sagad: &SagadProcess, tls: &ClientTlsConfig) -> anyhow::Res
     Ok(SagaOrchestratorClient::new(channel))
 }
 
+/// Whether a `GetSaga` over a new connection to `endpoint` fails (in the handshake or after).
+async fn refused(endpoint: tonic::transport::Endpoint, saga_id: &str) -> bool {
+    match endpoint.connect().await {
+        Err(_) => true,
+        Ok(channel) => SagaOrchestratorClient::new(channel)
+            .get_saga(get_request(saga_id))
+            .await
+            .is_err(),
+    }
+}
+
 fn get_request(saga_id: &str) -> GetSagaRequest {
     GetSagaRequest {
         saga_id: saga_id.to_owned(),
@@ -161,31 +172,23 @@ async fn mutual_tls_end_to_end_and_a_certificate_rotated_by_sighup() -> anyhow::
     .ok()?
     .json()?;
     assert_eq!(got["status"], json!("COMPLETED"), "{got}");
-    let refused = cli::sagactl(&["--server", &server, "--ca", &ca, "get", &saga_id]).await?;
+    let uncertified = cli::sagactl(&["--server", &server, "--ca", &ca, "get", &saga_id]).await?;
     ensure!(
-        !refused.status.success(),
+        !uncertified.status.success(),
         "sagactl without a certificate was served: {}",
-        refused.stdout
+        uncertified.stdout
     );
 
     // Without a certificate, or in plaintext: no call gets through.
     let without = endpoint(sagad.addr, Some(&pki.client_config(false)))?;
-    let refused = match without.connect().await {
-        Err(_) => true,
-        Ok(channel) => SagaOrchestratorClient::new(channel)
-            .get_saga(get_request(&saga_id))
-            .await
-            .is_err(),
-    };
-    assert!(refused, "a client without a certificate was served");
-    let plaintext = match endpoint(sagad.addr, None)?.connect().await {
-        Err(_) => true,
-        Ok(channel) => SagaOrchestratorClient::new(channel)
-            .get_saga(get_request(&saga_id))
-            .await
-            .is_err(),
-    };
-    assert!(plaintext, "a plaintext client was served");
+    assert!(
+        refused(without, &saga_id).await,
+        "a client without a certificate was served"
+    );
+    assert!(
+        refused(endpoint(sagad.addr, None)?, &saga_id).await,
+        "a plaintext client was served"
+    );
 
     // Rotation: the certificate files are replaced by ones of another CA, then SIGHUP.
     let other = TestPki::new("rotated")?;
@@ -193,15 +196,10 @@ async fn mutual_tls_end_to_end_and_a_certificate_rotated_by_sighup() -> anyhow::
     let trusting_new = ClientTlsConfig::new()
         .ca_certificate(other.ca_certificate())
         .identity(pki_identity(&pki)?);
-    let before = endpoint(sagad.addr, Some(&trusting_new))?.connect().await;
-    let served_before = match before {
-        Err(_) => false,
-        Ok(channel) => SagaOrchestratorClient::new(channel)
-            .get_saga(get_request(&saga_id))
-            .await
-            .is_ok(),
-    };
-    assert!(!served_before, "the new CA was trusted before the rotation");
+    assert!(
+        refused(endpoint(sagad.addr, Some(&trusting_new))?, &saga_id).await,
+        "the new certificate was served before the rotation"
+    );
     std::fs::copy(&new_cert, &sagad_cert)?;
     std::fs::copy(&new_key, &sagad_key)?;
     signals::send(sagad.pid().context("sagad has exited")?, "HUP").await?;
@@ -210,17 +208,14 @@ async fn mutual_tls_end_to_end_and_a_certificate_rotated_by_sighup() -> anyhow::
     rotated.get_saga(get_request(&saga_id)).await?;
     // The connection opened before the rotation was not dropped.
     client.get_saga(get_request(&saga_id)).await?;
-    let stale = match endpoint(sagad.addr, Some(&pki.client_config(true)))?
-        .connect()
-        .await
-    {
-        Err(_) => true,
-        Ok(channel) => SagaOrchestratorClient::new(channel)
-            .get_saga(get_request(&saga_id))
-            .await
-            .is_err(),
-    };
-    assert!(stale, "a new connection still got the old certificate");
+    assert!(
+        refused(
+            endpoint(sagad.addr, Some(&pki.client_config(true)))?,
+            &saga_id
+        )
+        .await,
+        "a new connection still got the old certificate"
+    );
     Ok(())
 }
 
@@ -229,6 +224,48 @@ fn pki_identity(pki: &TestPki) -> anyhow::Result<Identity> {
         std::fs::read(pki.path("client.pem"))?,
         std::fs::read(pki.path("client.key"))?,
     ))
+}
+
+/// A sagad over one scripted participant `p` and a one-step saga type `name` (with a
+/// compensation), started with `extra` flags; everything goes when it is dropped.
+struct OneStep {
+    sagad: SagadProcess,
+    _participant: FakeParticipant,
+    _db: DatabaseGuard,
+    _defs: Scratch,
+    _logs: Scratch,
+}
+
+impl OneStep {
+    async fn start(name: &str, script: Script, extra: &[&str]) -> anyhow::Result<Self> {
+        let participant = FakeParticipant::start_scripted("p", script).await?;
+        let definition = format!(
+            "name = \"{name}\"\nversion = 1\n\n[[steps]]\nname = \"a\"\n\
+             participant = \"p\"\naction = \"Do\"\ncompensation = \"Undo\"\n"
+        );
+        let defs = Scratch::defs(&[(&format!("{name}.toml"), &definition)])?;
+        let db = DatabaseGuard::new(name);
+        let logs = Scratch::logs(&format!("{name}-logs"))?;
+        let mut args: Vec<String> = [
+            "--database-url",
+            &db.url(),
+            "--defs",
+            &defs.display().to_string(),
+            "--participant",
+            &participant.flag(),
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        args.extend(extra.iter().map(|flag| (*flag).to_owned()));
+        let sagad = SagadProcess::start(&args, &logs).await?;
+        Ok(Self {
+            sagad,
+            _participant: participant,
+            _db: db,
+            _defs: defs,
+            _logs: logs,
+        })
+    }
 }
 
 /// A `[[token]]` entry.
@@ -255,68 +292,82 @@ async fn codes(
     token: Option<&str>,
     saga_id: &str,
 ) -> anyhow::Result<Vec<(&'static str, Code)>> {
-    let code = |outcome: Result<Code, tonic::Status>| match outcome {
-        Ok(code) => code,
-        Err(status) => status.code(),
+    let start = StartSagaRequest {
+        saga_type: "roles".to_owned(),
+        input: Some(to_struct(json!({}))),
+        ..Default::default()
     };
-    let start = client
-        .start_saga(with_token(
-            StartSagaRequest {
-                saga_type: "roles".to_owned(),
-                input: Some(to_struct(json!({}))),
-                ..Default::default()
-            },
-            token,
-        )?)
-        .await
-        .map(|_| Code::Ok);
-    let get = client
-        .get_saga(with_token(get_request(saga_id), token)?)
-        .await
-        .map(|_| Code::Ok);
-    let list = client
-        .list_sagas(with_token(ListSagasRequest::default(), token)?)
-        .await
-        .map(|_| Code::Ok);
-    let watch = client
-        .watch_saga(with_token(
-            WatchSagaRequest {
-                saga_id: saga_id.to_owned(),
-            },
-            token,
-        )?)
-        .await
-        .map(|_| Code::Ok);
-    // The saga has ended: the right role is told so, the wrong one is refused first.
-    let cancel = client
-        .cancel_saga(with_token(
-            CancelSagaRequest {
-                saga_id: saga_id.to_owned(),
-                reason: "role check".to_owned(),
-            },
-            token,
-        )?)
-        .await
-        .map(|_| Code::Ok);
-    let retry = client
-        .retry_saga(with_token(
-            RetrySagaRequest {
-                saga_id: saga_id.to_owned(),
-                reason: "role check".to_owned(),
-                skip_steps: Vec::new(),
-            },
-            token,
-        )?)
-        .await
-        .map(|_| Code::Ok);
+    let id = saga_id.to_owned();
+    let reason = "role check".to_owned();
     Ok(vec![
-        ("StartSaga", code(start)),
-        ("GetSaga", code(get)),
-        ("ListSagas", code(list)),
-        ("WatchSaga", code(watch)),
-        ("CancelSaga", code(cancel)),
-        ("RetrySaga", code(retry)),
+        (
+            "StartSaga",
+            code_of(client.start_saga(with_token(start, token)?).await),
+        ),
+        (
+            "GetSaga",
+            code_of(client.get_saga(with_token(get_request(&id), token)?).await),
+        ),
+        (
+            "ListSagas",
+            code_of(
+                client
+                    .list_sagas(with_token(ListSagasRequest::default(), token)?)
+                    .await,
+            ),
+        ),
+        (
+            "WatchSaga",
+            code_of(
+                client
+                    .watch_saga(with_token(
+                        WatchSagaRequest {
+                            saga_id: id.clone(),
+                        },
+                        token,
+                    )?)
+                    .await,
+            ),
+        ),
+        // The saga has ended: the right role is told so, the wrong one is refused first.
+        (
+            "CancelSaga",
+            code_of(
+                client
+                    .cancel_saga(with_token(
+                        CancelSagaRequest {
+                            saga_id: id.clone(),
+                            reason: reason.clone(),
+                        },
+                        token,
+                    )?)
+                    .await,
+            ),
+        ),
+        (
+            "RetrySaga",
+            code_of(
+                client
+                    .retry_saga(with_token(
+                        RetrySagaRequest {
+                            saga_id: id,
+                            reason,
+                            skip_steps: Vec::new(),
+                        },
+                        token,
+                    )?)
+                    .await,
+            ),
+        ),
     ])
+}
+
+/// The code an answer came with (`OK` for an answer).
+fn code_of<T>(answer: Result<T, tonic::Status>) -> Code {
+    match answer {
+        Ok(_) => Code::Ok,
+        Err(status) => status.code(),
+    }
 }
 
 #[tokio::test]
@@ -329,10 +380,6 @@ async fn each_role_against_each_rpc_and_a_removed_token_refused_at_once() -> any
             participant::default_answer(call)
         }
     });
-    let participant = FakeParticipant::start_scripted("p", script).await?;
-    let definition = "name = \"roles\"\nversion = 1\n\n[[steps]]\nname = \"a\"\n\
-                      participant = \"p\"\naction = \"Do\"\ncompensation = \"Undo\"\n";
-    let defs = Scratch::defs(&[("roles.toml", definition)])?;
     let tokens = Scratch::with_files(
         "tokens",
         &[(
@@ -346,21 +393,13 @@ async fn each_role_against_each_rpc_and_a_removed_token_refused_at_once() -> any
         )],
     )?;
     let tokens_file = tokens.join("tokens.toml");
-    let db = DatabaseGuard::new("roles");
-    let logs = Scratch::logs("roles-logs")?;
-    let args: Vec<String> = [
-        "--database-url",
-        &db.url(),
-        "--defs",
-        &defs.display().to_string(),
-        "--participant",
-        &participant.flag(),
-        "--auth-tokens",
-        &tokens_file.display().to_string(),
-    ]
-    .map(str::to_owned)
-    .to_vec();
-    let sagad = SagadProcess::start(&args, &logs).await?;
+    let system = OneStep::start(
+        "roles",
+        script,
+        &["--auth-tokens", &tokens_file.display().to_string()],
+    )
+    .await?;
+    let sagad = &system.sagad;
     let mut client = sagad.client().await?;
 
     // An operator starts a saga (its step hangs) and cancels it: the history says who.
@@ -503,27 +542,18 @@ async fn limits_refuse_what_is_too_much_and_a_clients_deadline_bounds_the_wait()
 -> anyhow::Result<()> {
     // Every call hangs: the saga stays running while the test watches it.
     let script: Script = Arc::new(|_, _| participant::Answer::hang());
-    let participant = FakeParticipant::start_scripted("p", script).await?;
-    let definition = "name = \"limits\"\nversion = 1\n\n[[steps]]\nname = \"a\"\n\
-                      participant = \"p\"\naction = \"Do\"\n";
-    let defs = Scratch::defs(&[("limits.toml", definition)])?;
-    let db = DatabaseGuard::new("limits");
-    let logs = Scratch::logs("limits-logs")?;
-    let args: Vec<String> = [
-        "--database-url",
-        &db.url(),
-        "--defs",
-        &defs.display().to_string(),
-        "--participant",
-        &participant.flag(),
-        "--max-watches-per-client",
-        "2",
-        "--max-request-bytes",
-        "65536",
-    ]
-    .map(str::to_owned)
-    .to_vec();
-    let sagad = SagadProcess::start(&args, &logs).await?;
+    let system = OneStep::start(
+        "limits",
+        script,
+        &[
+            "--max-watches-per-client",
+            "2",
+            "--max-request-bytes",
+            "65536",
+        ],
+    )
+    .await?;
+    let sagad = &system.sagad;
     let mut client = sagad.client().await?;
     let saga_id = start_saga(&mut client, "limits", json!({})).await?;
 
