@@ -502,7 +502,7 @@ async fn each_role_against_each_rpc_and_a_removed_token_refused_at_once() -> any
         .concat(),
     )?;
     signals::send(sagad.pid().context("sagad has exited")?, "HUP").await?;
-    logged(&sagad, "the token file is read again").await?;
+    logged(sagad, "the token file is read again").await?;
     let removed = client
         .list_sagas(with_token(
             ListSagasRequest::default(),
@@ -522,7 +522,7 @@ async fn each_role_against_each_rpc_and_a_removed_token_refused_at_once() -> any
     // A file that cannot be read keeps the tokens in force.
     std::fs::write(&tokens_file, "[[token]]\nname = \"broken\"\n")?;
     signals::send(sagad.pid().context("sagad has exited")?, "HUP").await?;
-    logged(&sagad, "the token file cannot be read").await?;
+    logged(sagad, "the token file cannot be read").await?;
     client
         .list_sagas(with_token(
             ListSagasRequest::default(),
