@@ -25,7 +25,7 @@ use crate::http::Readiness;
 use crate::limits::Limits;
 use crate::store::{Store, Writer};
 use crate::telemetry::{ActivityGauges, Metrics};
-use sagad_tls::ServerTls;
+use sagad_tls::{ClientTlsFiles, ServerTls};
 
 /// How often the metrics' upkeep and the sample of the sagas in the database run.
 const SAMPLE_EVERY: Duration = Duration::from_secs(5);
@@ -93,8 +93,12 @@ pub async fn serve(
     let _stop_reloading_on_return = stop_reloading.clone().drop_guard();
     tokio::spawn(reload_on(
         reloads,
-        auth.clone(),
-        tls.clone(),
+        Reloadable {
+            auth: auth.clone(),
+            tls: tls.clone(),
+            participants: participants.clone(),
+            participant_tls: config.participant_tls_files(),
+        },
         stop_reloading.clone(),
     ));
     crate::telemetry::preset(&definitions);
@@ -254,11 +258,23 @@ pub async fn serve(
     Ok(())
 }
 
+/// What SIGHUP reads again.
+struct Reloadable {
+    auth: Authenticator,
+    tls: Option<ServerTls>,
+    participants: Participants,
+    participant_tls: ClientTlsFiles,
+}
+
 /// Re-reads what `reloads` asks for until `stop`.
 async fn reload_on(
     reloads: impl Stream<Item = ()> + Send + 'static,
-    auth: Authenticator,
-    tls: Option<ServerTls>,
+    Reloadable {
+        auth,
+        tls,
+        participants,
+        participant_tls,
+    }: Reloadable,
     stop: CancellationToken,
 ) {
     let mut reloads = std::pin::pin!(reloads);
@@ -282,6 +298,21 @@ async fn reload_on(
                     tracing::error!(%error, "the TLS files cannot be read; the ones in force stay");
                 }
             }
+        }
+        let renewed = participant_tls
+            .client_config()
+            .map_err(anyhow::Error::from)
+            .and_then(|config| Ok(participants.use_tls(&config)?));
+        match renewed {
+            Ok(0) => {}
+            Ok(participants) => tracing::info!(
+                participants,
+                "the participants' TLS files are read again; new connections use them"
+            ),
+            Err(error) => tracing::error!(
+                error = %format!("{error:#}"),
+                "the participants' TLS files cannot be read; the ones in force stay"
+            ),
         }
     }
 }

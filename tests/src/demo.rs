@@ -164,6 +164,12 @@ impl ParticipantProcess {
         Ok(())
     }
 
+    /// From now on, clients (the wait for it to serve among them) reach it with `tls`: after
+    /// its TLS files changed.
+    pub fn reach_with(&mut self, tls: ClientTlsConfig) {
+        self.tls = Some(tls);
+    }
+
     /// Starts it again, same address (sagad knows it by that), database and flags (after
     /// [`kill`](Self::kill)).
     pub async fn restart(&mut self) -> anyhow::Result<()> {

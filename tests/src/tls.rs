@@ -71,6 +71,21 @@ impl TestPki {
         Certificate::from_pem(&self.ca_pem)
     }
 
+    /// This CA's certificate as PEM.
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// The client certificate and key this CA signed, as PEM text.
+    pub fn client_pem(&self) -> (&str, &str) {
+        (&self.client.0, &self.client.1)
+    }
+
+    /// The client certificate and key this CA signed, for a client to show.
+    pub fn client_identity(&self) -> Identity {
+        Identity::from_pem(&self.client.0, &self.client.1)
+    }
+
     /// A client trusting this CA, showing its client certificate or not.
     pub fn client_config(&self, with_certificate: bool) -> ClientTlsConfig {
         let config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&self.ca_pem));

@@ -87,7 +87,15 @@ async fn mutual_tls_end_to_end_and_a_certificate_rotated_by_sighup() -> anyhow::
     let order_db = DatabaseGuard::new("mtls_order");
     let sagad_db = DatabaseGuard::new("mtls_sagad");
     // The participant asks sagad for its certificate too.
-    let order = ParticipantProcess::start_over(
+    // The CA the participant checks sagad's certificate with, and sagad's certificate for it:
+    // files of their own, replaced in the rotation below.
+    let order_client_ca = pki.path("order-client-ca.pem");
+    std::fs::copy(pki.path("ca.pem"), &order_client_ca)?;
+    let sagad_client_cert = pki.path("sagad-client.pem");
+    let sagad_client_key = pki.path("sagad-client.key");
+    std::fs::copy(pki.path("client.pem"), &sagad_client_cert)?;
+    std::fs::copy(pki.path("client.key"), &sagad_client_key)?;
+    let mut order = ParticipantProcess::start_over(
         Service::Order,
         &order_db.url(),
         &[
@@ -96,7 +104,7 @@ async fn mutual_tls_end_to_end_and_a_certificate_rotated_by_sighup() -> anyhow::
             "--tls-key".to_owned(),
             order_key.display().to_string(),
             "--tls-client-ca".to_owned(),
-            path("ca.pem"),
+            order_client_ca.display().to_string(),
         ],
         &[],
         &logs,
@@ -115,9 +123,9 @@ async fn mutual_tls_end_to_end_and_a_certificate_rotated_by_sighup() -> anyhow::
         "--participant-ca",
         &path("ca.pem"),
         "--participant-cert",
-        &path("client.pem"),
+        &sagad_client_cert.display().to_string(),
         "--participant-key",
-        &path("client.key"),
+        &sagad_client_key.display().to_string(),
         "--tls-cert",
         &sagad_cert.display().to_string(),
         "--tls-key",
@@ -215,6 +223,34 @@ async fn mutual_tls_end_to_end_and_a_certificate_rotated_by_sighup() -> anyhow::
         )
         .await,
         "a new connection still got the old certificate"
+    );
+
+    // sagad's own certificate for the participant rotated too: the participant now trusts only
+    // the new CA (restarted, so no old connection survives), sagad's files are replaced, and
+    // SIGHUP has sagad's next connections show the new one.
+    std::fs::write(&order_client_ca, other.ca_pem())?;
+    std::fs::write(&sagad_client_cert, other.client_pem().0)?;
+    std::fs::write(&sagad_client_key, other.client_pem().1)?;
+    signals::send(sagad.pid().context("sagad has exited")?, "HUP").await?;
+    logged(&sagad, "the participants' TLS files are read again").await?;
+    order.reach_with(
+        ClientTlsConfig::new()
+            .ca_certificate(pki.ca_certificate())
+            .identity(other.client_identity()),
+    );
+    order.restart().await?;
+    let second = start_saga(
+        &mut rotated,
+        "order_only",
+        json!({"customer_id": "tls-rotated", "amount_cents": 99, "country": "FR"}),
+    )
+    .await?;
+    let saga = wait_terminal(&mut rotated, &second, Duration::from_secs(60)).await?;
+    ensure!(
+        saga.status == SagaStatus::Completed as i32,
+        "the saga after sagad's client certificate rotated ended {:?}: {:?}",
+        saga.status,
+        saga.failure_reason
     );
     Ok(())
 }

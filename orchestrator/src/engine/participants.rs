@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::error::Error as _;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use prost::Message as _;
@@ -43,8 +43,35 @@ pub struct BadParticipantAddress {
 }
 
 struct Participant {
-    client: ParticipantClient<Channel>,
+    uri: String,
+    /// Replaced when the TLS files are read again: calls in flight keep the client they took.
+    client: RwLock<ParticipantClient<Channel>>,
     permits: Arc<Semaphore>,
+}
+
+impl Participant {
+    fn client(&self) -> ParticipantClient<Channel> {
+        match self.client.read() {
+            Ok(client) => client.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+}
+
+/// A lazily connected client of `uri`, over `tls` for `https://`.
+fn client_of(uri: &str, tls: &ClientTlsConfig) -> Result<ParticipantClient<Channel>, String> {
+    let endpoint = Endpoint::from_shared(uri.to_owned())
+        .map_err(|error| error.to_string())?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true);
+    let endpoint = if uri.starts_with("https://") {
+        endpoint
+            .tls_config(tls.clone())
+            .map_err(|error| error.to_string())?
+    } else {
+        endpoint
+    };
+    Ok(ParticipantClient::new(endpoint.connect_lazy()).max_decoding_message_size(MAX_REPLY_BYTES))
 }
 
 /// Every participant this instance may call, by name.
@@ -75,27 +102,16 @@ impl Participants {
     ) -> Result<Self, BadParticipantAddress> {
         let mut by_name = BTreeMap::new();
         for (name, uri) in addresses {
-            let bad = |message: String| BadParticipantAddress {
+            let client = client_of(uri, tls).map_err(|message| BadParticipantAddress {
                 name: name.clone(),
                 uri: uri.clone(),
                 message,
-            };
-            let endpoint = Endpoint::from_shared(uri.clone())
-                .map_err(|error| bad(error.to_string()))?
-                .connect_timeout(Duration::from_secs(2))
-                .tcp_nodelay(true);
-            let endpoint = if uri.starts_with("https://") {
-                endpoint
-                    .tls_config(tls.clone())
-                    .map_err(|error| bad(error.to_string()))?
-            } else {
-                endpoint
-            };
+            })?;
             by_name.insert(
                 name.clone(),
                 Participant {
-                    client: ParticipantClient::new(endpoint.connect_lazy())
-                        .max_decoding_message_size(MAX_REPLY_BYTES),
+                    uri: uri.clone(),
+                    client: RwLock::new(client),
                     permits: Arc::new(Semaphore::new(concurrency_per_participant.max(1))),
                 },
             );
@@ -103,6 +119,30 @@ impl Participants {
         Ok(Self {
             by_name: Arc::new(by_name),
         })
+    }
+
+    /// The `https://` participants' next connections use `tls` (a CA or client certificate
+    /// read again); calls in flight go on over the connections they have. Returns how many
+    /// participants it concerns.
+    pub fn use_tls(&self, tls: &ClientTlsConfig) -> Result<usize, BadParticipantAddress> {
+        let mut changed = 0;
+        for (name, participant) in self.by_name.iter() {
+            if !participant.uri.starts_with("https://") {
+                continue;
+            }
+            let fresh =
+                client_of(&participant.uri, tls).map_err(|message| BadParticipantAddress {
+                    name: name.clone(),
+                    uri: participant.uri.clone(),
+                    message,
+                })?;
+            match participant.client.write() {
+                Ok(mut client) => *client = fresh,
+                Err(poisoned) => *poisoned.into_inner() = fresh,
+            }
+            changed += 1;
+        }
+        Ok(changed)
     }
 
     /// Makes one call and classifies what came back: an unreachable participant or a timeout
@@ -143,7 +183,7 @@ impl Participants {
                 header_value(traceparent),
             );
         }
-        let mut client = participant.client.clone();
+        let mut client = participant.client();
         let started = tokio::time::Instant::now();
         let reply = if call.compensate {
             tokio::time::timeout(call.timeout, client.compensate(request)).await
