@@ -199,7 +199,9 @@ saga1=$("$python" -c 'import json,sys; print(json.load(sys.stdin)["saga_id"])' <
 say "replica 2 shows order 1 ($saga1) COMPLETED: one database"
 for port in "$http1" "$http2"; do
   curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null || fail "/readyz on :$port"
-  curl -fsS "http://127.0.0.1:$port/metrics" | grep -q '^sagad_sagas_finished_total' ||
+  # To a file first: grep -q stops reading at its match, and curl, cut off, would fail.
+  curl -fsS "http://127.0.0.1:$port/metrics" >"$run/metrics-$port.txt" || fail "/metrics on :$port"
+  grep -q '^sagad_sagas_finished_total' "$run/metrics-$port.txt" ||
     fail "/metrics on :$port lacks sagad_sagas_finished_total"
 done
 say "both replicas: /readyz 200, /metrics served"
