@@ -525,7 +525,18 @@ async fn each_role_against_each_rpc_and_a_removed_token_refused_at_once() -> any
         "sagactl with a reader's token cancelled: {}",
         denied.stderr
     );
-    // Health stays open without a token.
+    // Health stays open without a token, also as sagactl asks it.
+    let health = cli::sagactl(&["--server", &server, "--output", "json", "health"])
+        .await?
+        .ok()?
+        .json()?;
+    assert_eq!(health["status"], json!("SERVING"), "{health}");
+    let unknown = cli::sagactl(&["--server", &server, "health", "--service", "no.Such"]).await?;
+    ensure!(
+        !unknown.status.success(),
+        "sagactl health of an unknown service exited 0: {}",
+        unknown.stdout
+    );
     ensure!(daemon::serving(sagad.addr).await, "health needs no token");
 
     // The operator's token removed from the file and SIGHUP: refused on the next call.

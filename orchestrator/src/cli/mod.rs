@@ -202,6 +202,14 @@ pub enum Command {
         #[command(subcommand)]
         command: DefsCommand,
     },
+    /// Ask a server's gRPC health service (grpc.health.v1) about a service: exit 0 when it is
+    /// SERVING, 1 otherwise. Made for container and orchestrator health checks, of sagad
+    /// (the default service) or of a participant (`--service sagad.participant.v1.Participant`).
+    Health {
+        /// The service to ask about.
+        #[arg(long, default_value = SAGAD_SERVICE)]
+        service: String,
+    },
     /// Bearer tokens for sagad's --auth-tokens file.
     Token {
         #[command(subcommand)]
@@ -418,6 +426,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Bench(args) => {
             let report = bench::run(&server, &args, bench_input).await?;
             emit_fields(output, fit, &report)?;
+        }
+        Command::Health { service } => {
+            let status = server.health(&service).await?;
+            let fields = [
+                ("service", Value::from(service.as_str())),
+                ("status", Value::from(status.as_str())),
+            ];
+            emit_fields(output, fit, &fields)?;
+            if status != "SERVING" {
+                return Ok(1);
+            }
         }
         // Handled above, before connecting.
         Command::Defs { .. } | Command::Token { .. } => {
@@ -834,6 +853,25 @@ impl Server {
 
     /// Why the other end is not sagad, or `None` when its health service knows sagad's
     /// service (or cannot be asked right now).
+    /// What the server's health service says of `service` (`SERVING`, `NOT_SERVING`, …).
+    async fn health(&self, service: &str) -> anyhow::Result<String> {
+        let mut health = HealthClient::new(self.channel.clone());
+        let probe = health.check(HealthCheckRequest {
+            service: service.to_owned(),
+        });
+        let reply = tokio::time::timeout(PROBE_TIMEOUT, probe)
+            .await
+            .map_err(|_| {
+                anyhow!(
+                    "the health check of {} took longer than {PROBE_TIMEOUT:?}",
+                    self.url
+                )
+            })?
+            .map_err(|status| anyhow!("health of {service}: {}", status_text(&status)))?;
+        let status = reply.into_inner().status();
+        Ok(status.as_str_name().to_owned())
+    }
+
     async fn not_sagad(&self) -> Option<String> {
         let mut health = HealthClient::new(self.channel.clone());
         let probe = health.check(HealthCheckRequest {
