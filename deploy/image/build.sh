@@ -8,8 +8,9 @@
 #   localhost/sagad-postgres:local  this machine's Debian PostgreSQL server, run as user
 #                                   postgres (999)
 # Each is `FROM scratch` plus a root filesystem laid out here under
-# $CARGO_TARGET_DIR/deploy-image/ (deploy/image/*.Containerfile). deploy/Dockerfile builds the
-# same sagad image from source where a registry is reachable.
+# $CARGO_TARGET_DIR/deploy-image/ (deploy/image/*.Containerfile; sagad's by sagad-rootfs.sh,
+# which deploy/Dockerfile's build stage runs too, building from source where a registry is
+# reachable).
 #
 # Environment: CARGO_TARGET_DIR as cargo reads it (the binaries are taken from its release/,
 # built when missing); SAGAD_BIN_DIR to take them from elsewhere; SAGAD_IMAGE and
@@ -44,45 +45,10 @@ if ((missing)); then
   cargo build --release --workspace --locked --bins
 fi
 
-# copy_with_libs ROOTFS FILE...: copies into ROOTFS, at the paths the dynamic loader uses, every
-# shared library the FILEs need (ldd resolves them transitively), and the loader itself.
-copy_with_libs() {
-  local rootfs=$1 lib
-  shift
-  while read -r lib; do
-    mkdir -p "$rootfs$(dirname "$lib")"
-    cp -L "$lib" "$rootfs$lib"
-  done < <(
-    for file in "$@"; do
-      if ldd "$file" | grep -q 'not found'; then
-        ldd "$file" >&2
-        fail "$file needs a library this machine lacks"
-      fi
-      ldd "$file" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }'
-    done | sort -u
-  )
-}
-
 # --- sagad ---------------------------------------------------------------------------------
 ctx=$work/sagad
-rm -rf "$ctx"
-rootfs=$ctx/rootfs
-mkdir -p "$rootfs/usr/local/bin" "$rootfs/etc/sagad" "$rootfs/etc/ssl/certs"
-# Stripped of their symbol tables (a quarter of their size); a panic still names its place.
-for name in "${binaries[@]}"; do
-  strip -o "$rootfs/usr/local/bin/$name" "$bin/$name"
-done
-cc -O2 -s -Wall -Wextra -Werror -std=c11 -D_DEFAULT_SOURCE \
-  -o "$rootfs/usr/local/bin/grpc-health-check" deploy/image/grpc-health-check.c
-copy_with_libs "$rootfs" "$rootfs"/usr/local/bin/*
-cp -r saga-defs "$rootfs/etc/sagad/saga-defs"
-# sagad's https:// participants and OTLP endpoints are checked against the system's roots.
-cp -L /etc/ssl/certs/ca-certificates.crt "$rootfs/etc/ssl/certs/"
-printf '%s\n' 'root:x:0:0:root:/root:/sbin/nologin' \
-  'sagad:x:10001:10001:sagad:/nonexistent:/sbin/nologin' >"$rootfs/etc/passwd"
-printf '%s\n' 'root:x:0:' 'sagad:x:10001:' >"$rootfs/etc/group"
-echo 'hosts: files dns' >"$rootfs/etc/nsswitch.conf"
-chmod -R go-w "$rootfs"
+mkdir -p "$ctx"
+deploy/image/sagad-rootfs.sh "$bin" "$ctx/rootfs"
 
 version=$(awk -F'"' '/^version = / { print $2; exit }' Cargo.toml)
 revision=$(git rev-parse HEAD 2>/dev/null || echo unknown)
@@ -117,7 +83,7 @@ done
 find "$pg_lib" -maxdepth 1 -name '*.so' ! -name 'llvmjit*' -exec cp {} "$rootfs$pg_lib/" \;
 cp -r "$pg_share" "$rootfs/usr/share/postgresql/"
 cp -r /usr/share/zoneinfo "$rootfs/usr/share/zoneinfo"
-copy_with_libs "$rootfs" /bin/dash "$rootfs$pg_bin"/* "$rootfs$pg_lib"/*.so
+deploy/image/copy-libs.sh "$rootfs" /bin/dash "$rootfs$pg_bin"/* "$rootfs$pg_lib"/*.so
 cp deploy/image/postgres-entrypoint.sh "$rootfs/usr/local/bin/postgres-entrypoint"
 printf '%s\n' 'root:x:0:0:root:/root:/sbin/nologin' \
   'postgres:x:999:999:PostgreSQL:/var/lib/postgresql:/bin/sh' >"$rootfs/etc/passwd"
