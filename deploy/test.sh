@@ -10,9 +10,11 @@
 #  3. the images (deploy/image/build.sh, from the release binaries), and their sizes;
 #  4. deploy/compose.yaml up (deploy/compose-up.sh): PostgreSQL, the participants and two sagad
 #     replicas, healthy; the demo's three orders started with sagactl from this host against the
-#     replicas' published ports, and how each ended (one COMPLETED, one COMPENSATED for INSUFFICIENT_FUNDS, one
-#     COMPENSATED for UNSUPPORTED_DESTINATION, its payment refunded);
-#  5. a third replica started with the production Deployment's own arguments (TLS and bearer
+#     replicas' published ports, and how each ended (one COMPLETED, one COMPENSATED for
+#     INSUFFICIENT_FUNDS, one COMPENSATED for UNSUPPORTED_DESTINATION, its payment refunded);
+#  5. replica 1 stopped while a saga it drives waits on a frozen payment-service: replica 2
+#     takes the saga over and finishes it;
+#  6. a third replica started with the production Deployment's own arguments (TLS and bearer
 #     tokens, from the example Secrets): its /readyz, a call without a token refused, and an
 #     order through it over TLS with the token;
 # then stops and removes everything it started, also when a step fails or on Ctrl-C.
@@ -216,6 +218,35 @@ for port in "$http1" "$http2"; do
     fail "/metrics on :$port lacks sagad_sagas_finished_total"
 done
 say "both replicas: /readyz 200, /metrics served"
+
+phase "a replica stopped in the middle of a saga: the other takes it over"
+# payment-service frozen, so the saga waits at its charge on replica 1; replica 1 stopped
+# (SIGTERM: it lets go of its sagas); payment-service thawed: replica 2 must finish the saga.
+podman pause "${project}_payment_1" >/dev/null
+"$sagactl" --server "$replica1" --output json start order_fulfillment \
+  --input "{\"customer_id\":\"erin-$run_id\",\"amount_cents\":1000,\"currency\":\"EUR\",\"country\":\"DE\"}" \
+  >"$run/order-5-start.json"
+saga5=$("$python" -c 'import json,sys; print(json.load(sys.stdin)["saga_id"])' <"$run/order-5-start.json")
+sleep 1
+podman stop --time 20 "${project}_sagad-1_1" >/dev/null 2>&1
+podman unpause "${project}_payment_1" >/dev/null
+deadline=$((SECONDS + 60))
+while :; do
+  "$sagactl" --server "$replica2" --output json get "$saga5" >"$run/order-5.json"
+  status=$("$python" -c 'import json,sys; print(json.load(sys.stdin)["status"])' <"$run/order-5.json")
+  [[ $status == RUNNING || $status == COMPENSATING ]] || break
+  ((SECONDS < deadline)) || fail "order 5 ($saga5) still $status 60 s after replica 1 stopped"
+  sleep 0.5
+done
+"$python" deploy/check-saga.py COMPLETED <"$run/order-5.json" >"$run/order-5.out" || {
+  cat "$run/order-5.out" >&2
+  fail "order 5 did not end as expected"
+}
+curl -fsS "http://127.0.0.1:$http2/metrics" >"$run/metrics-takeover.txt"
+taken=$(awk '$1 == "sagad_sagas_taken_over_total" { print $2 }' "$run/metrics-takeover.txt")
+[[ ${taken:-0} != 0 ]] || fail "replica 2 reports no saga taken over (sagad_sagas_taken_over_total)"
+say "order 5, started on replica 1, stopped mid-saga, finished by replica 2: $(cat "$run/order-5.out")"
+say "replica 2: sagad_sagas_taken_over_total $taken"
 
 phase "a replica as the production Deployment runs it: TLS and bearer tokens"
 # Its arguments and literal environment from the rendered Deployment; the Secrets' files as
