@@ -25,3 +25,5 @@ cargo test --workspace --locked
 # The benchmark's harness at a small size, on the debug build: it must work; its figures are
 # printed, never judged.
 BENCH_PROFILE=debug bench/run.sh --small --json target/bench/ci.json
+# deploy/: the images built here, the compose demo run, the Kubernetes and systemd files checked.
+deploy/test.sh
