@@ -3,9 +3,9 @@ schemas cannot see. deploy/test.sh runs it after kubernetes-validate:
 
     python check.py RENDERED.yaml SAGA_DEFS_DIR [--grpc-probes] [--secrets-elsewhere]
 
-- every pod runs as non-root with seccomp RuntimeDefault, every container with a read-only root,
-  no privilege escalation, ALL capabilities dropped, requests and limits of CPU and memory, and
-  readiness and liveness probes (gRPC probes on sagad with --grpc-probes);
+- every pod runs as non-root with seccomp RuntimeDefault, every container from an image with a
+  version tag (or digest), with a read-only root, no privilege escalation, ALL capabilities
+  dropped, requests and limits of CPU and memory, and readiness and liveness probes (gRPC probes on sagad with --grpc-probes);
 - sagad runs at least two replicas, a PodDisruptionBudget and a Service select its pods, and
   every Service's selector matches some pod template and names ports the pods have;
 - every ConfigMap, Secret and ServiceAccount a pod refers to is in the output (kustomize renamed
@@ -48,6 +48,10 @@ def check_pod(obj, template, grpc_probes):
         problem(where, "the service account token is mounted")
     for container in spec.get("initContainers", []) + spec["containers"]:
         at = f"{where} container {container['name']}"
+        image = container.get("image", "")
+        tag = image.rpartition("/")[2].partition("@")[0].partition(":")[2]
+        if "@" not in image and tag in ("", "latest"):
+            problem(at, f"image {image!r} has no version tag")
         security = container.get("securityContext", {})
         if security.get("readOnlyRootFilesystem") is not True:
             problem(at, "readOnlyRootFilesystem is not true")
