@@ -15,8 +15,8 @@
 #  5. replica 1 stopped while a saga it drives waits on a frozen payment-service: replica 2
 #     takes the saga over and finishes it;
 #  6. a third replica started with the production Deployment's own arguments (TLS and bearer
-#     tokens, from the example Secrets): its /readyz, a call without a token refused, and an
-#     order through it over TLS with the token;
+#     tokens, from the example Secrets): its /readyz, its gRPC health over TLS, a call without
+#     a token refused, and an order through it over TLS with the token;
 # then stops and removes everything it started, also when a step fails or on Ctrl-C.
 #
 # Installs what it needs where missing (podman and its helpers from Debian; podman-compose,
@@ -287,6 +287,10 @@ until curl -fsS "http://127.0.0.1:$tls_http/readyz" >/dev/null 2>&1; do
   sleep 0.5
 done
 say "TLS replica: /readyz 200 (args: ${tls_args[*]:split+1})"
+# Its gRPC health, over TLS, as a health check would ask it (no token needed).
+"$sagactl" --server "https://localhost:$tls_port" --ca "$secrets/ca.crt" health \
+  >"$run/tls-health.out" 2>&1 || fail "sagactl health over TLS: $(cat "$run/tls-health.out")"
+say "TLS replica: sagactl health over TLS: $(tr -s ' \n' ' ' <"$run/tls-health.out")"
 if "$sagactl" --server "https://localhost:$tls_port" --ca "$secrets/ca.crt" list --limit 1 >"$run/tls-no-token.out" 2>&1; then
   fail "the TLS replica answered a call without a token"
 fi

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Builds the two images of the compose demo HERE, with no registry and no base image, and
 # prints their sizes:
-#   localhost/sagad:local           sagad, sagactl, order-service, payment-service,
-#                                   shipping-service and grpc-health-check, the shared libraries
-#                                   they link (by ldd), CA certificates, /etc/passwd with user
-#                                   sagad (10001), saga-defs/ in /etc/sagad/saga-defs; no shell
+#   localhost/sagad:local           sagad, sagactl, order-service, payment-service and
+#                                   shipping-service, the shared libraries they link (by ldd),
+#                                   CA certificates, /etc/passwd with user sagad (10001),
+#                                   saga-defs/ in /etc/sagad/saga-defs; no shell
 #   localhost/sagad-postgres:local  this machine's Debian PostgreSQL server, run as user
 #                                   postgres (999)
 # Each is `FROM scratch` plus a root filesystem laid out here under

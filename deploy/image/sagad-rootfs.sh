@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Lays out the root filesystem of the sagad image in ROOTFS (made anew) from the release
 # binaries in BIN_DIR: sagad, sagactl and the three demo participants (stripped of their symbol
-# tables) and grpc-health-check (compiled here) in /usr/local/bin, the shared libraries they
-# link (by ldd) and the dynamic loader, the CA certificates, /etc/passwd and /etc/group with
+# tables) in /usr/local/bin, the shared libraries they link (by ldd) and the dynamic loader, the CA certificates, /etc/passwd and /etc/group with
 # user sagad (10001), and saga-defs/ in /etc/sagad/saga-defs. Run from the repository root.
 # Both image builds use it: deploy/image/build.sh here, deploy/Dockerfile's build stage.
 #
@@ -20,8 +19,6 @@ mkdir -p "$rootfs/usr/local/bin" "$rootfs/etc/sagad" "$rootfs/etc/ssl/certs"
 for name in "${binaries[@]}"; do
   strip -o "$rootfs/usr/local/bin/$name" "$bin/$name"
 done
-cc -O2 -s -Wall -Wextra -Werror -std=c11 -D_DEFAULT_SOURCE \
-  -o "$rootfs/usr/local/bin/grpc-health-check" deploy/image/grpc-health-check.c
 deploy/image/copy-libs.sh "$rootfs" "$rootfs"/usr/local/bin/*
 cp -r saga-defs "$rootfs/etc/sagad/saga-defs"
 # sagad's https:// participants and OTLP endpoints are checked against the system's roots.
