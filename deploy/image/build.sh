@@ -99,6 +99,9 @@ say "building $postgres_image (PostgreSQL $pg_major)"
 podman build --quiet --layers -f deploy/image/postgres.Containerfile \
   --build-arg PG_MAJOR="$pg_major" -t "$postgres_image" "$ctx" >/dev/null
 
+# The images these replaced (left untagged) go: podman's storage here is the project's own.
+podman image prune --force >/dev/null
+
 # --- sizes ---------------------------------------------------------------------------------
 for image in "$sagad_image" "$postgres_image"; do
   bytes=$(podman image inspect --format '{{.Size}}' "$image")
