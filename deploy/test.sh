@@ -7,7 +7,8 @@
 #  2. deploy/kubernetes/: base and both overlays rendered by kustomize, every object validated
 #     against the Kubernetes JSON schemas (strict, 1.28 and 1.37), then deploy/kubernetes/check.py
 #     (security context, probes, resources, references, the saga-defs ConfigMap);
-#  3. the images (deploy/image/build.sh, from the release binaries), and their sizes;
+#  3. the images (deploy/image/build.sh, from the release binaries, or the debug ones with
+#     DEPLOY_PROFILE=debug), and their sizes;
 #  4. deploy/compose.yaml up (deploy/compose-up.sh): PostgreSQL, the participants and two sagad
 #     replicas, healthy; the demo's three orders started with sagactl from this host against the
 #     replicas' published ports, and how each ended (one COMPLETED, one COMPENSATED for
@@ -21,13 +22,23 @@
 #
 # Installs what it needs where missing (podman and its helpers from Debian; podman-compose,
 # kubernetes-validate and kustomize pinned in deploy/requirements.txt and deploy/package*.json).
-# Takes the binaries from ${CARGO_TARGET_DIR:-target}/release, building them when missing; its
-# files go to ${CARGO_TARGET_DIR:-target}/deploy-test/.
+# Takes the binaries from ${CARGO_TARGET_DIR:-target}/release (debug/ with DEPLOY_PROFILE=debug,
+# as CI runs it, where those are built already), building them when missing; its files go to
+# ${CARGO_TARGET_DIR:-target}/deploy-test/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 target=${CARGO_TARGET_DIR:-target}
-bin=$target/release
+profile=${DEPLOY_PROFILE:-release}
+case $profile in
+  release) build_flags=(--release) ;;
+  debug) build_flags=() ;;
+  *)
+    printf 'deploy/test.sh: DEPLOY_PROFILE must be release or debug, not %s\n' "$profile" >&2
+    exit 2
+    ;;
+esac
+bin=$target/$profile
 tools=$target/deploy-tools
 run=$target/deploy-test
 sagactl=$bin/sagactl
@@ -76,7 +87,7 @@ say "hadolint: the Dockerfile and Containerfiles are clean; the Dockerfile's run
 if command -v systemd-analyze >/dev/null; then
   # verify needs the unit's binary where ExecStart says: a copy pointing at the one built here
   # (built now if missing).
-  [[ -x $bin/sagad ]] || cargo build --release --workspace --locked --bins
+  [[ -x $bin/sagad ]] || cargo build "${build_flags[@]}" --workspace --locked --bins
   mkdir -p "$run/systemd"
   sed "s|/usr/local/bin/sagad|$(realpath "$bin/sagad")|" deploy/sagad.service \
     >"$run/systemd/sagad.service"

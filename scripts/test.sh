@@ -26,4 +26,4 @@ cargo test --workspace --locked
 # printed, never judged.
 BENCH_PROFILE=debug bench/run.sh --small --json target/bench/ci.json
 # deploy/: the images built here, the compose demo run, the Kubernetes and systemd files checked.
-deploy/test.sh
+DEPLOY_PROFILE=debug deploy/test.sh

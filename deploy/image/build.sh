@@ -13,13 +13,23 @@
 # reachable).
 #
 # Environment: CARGO_TARGET_DIR as cargo reads it (the binaries are taken from its release/,
-# built when missing); SAGAD_BIN_DIR to take them from elsewhere; SAGAD_IMAGE and
+# built when missing); DEPLOY_PROFILE=debug to take them from its debug/ instead (CI, which
+# has built those already); SAGAD_BIN_DIR to take them from elsewhere; SAGAD_IMAGE and
 # SAGAD_POSTGRES_IMAGE to name the images otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 target=${CARGO_TARGET_DIR:-target}
-bin=${SAGAD_BIN_DIR:-$target/release}
+profile=${DEPLOY_PROFILE:-release}
+case $profile in
+  release) build_flags=(--release) ;;
+  debug) build_flags=() ;;
+  *)
+    printf 'image/build.sh: DEPLOY_PROFILE must be release or debug, not %s\n' "$profile" >&2
+    exit 2
+    ;;
+esac
+bin=${SAGAD_BIN_DIR:-$target/$profile}
 sagad_image=${SAGAD_IMAGE:-localhost/sagad:local}
 postgres_image=${SAGAD_POSTGRES_IMAGE:-localhost/sagad-postgres:local}
 work=$target/deploy-image
@@ -41,8 +51,8 @@ for name in "${binaries[@]}"; do
 done
 if ((missing)); then
   [[ -z ${SAGAD_BIN_DIR:-} ]] || fail "SAGAD_BIN_DIR=$bin lacks one of: ${binaries[*]}"
-  say "building the release binaries"
-  cargo build --release --workspace --locked --bins
+  say "building the $profile binaries"
+  cargo build "${build_flags[@]}" --workspace --locked --bins
 fi
 
 # --- sagad ---------------------------------------------------------------------------------
