@@ -416,6 +416,32 @@ async fn each_role_against_each_rpc_and_a_removed_token_refused_at_once() -> any
             participant::default_answer(call)
         }
     });
+    // One more reader, made as an operator would: `sagactl token new` prints the token and
+    // the entry for the file.
+    let made = cli::sagactl(&[
+        "--output",
+        "json",
+        "token",
+        "new",
+        "dashboard",
+        "--role",
+        "reader",
+    ])
+    .await?
+    .ok()?
+    .json()?;
+    let made_token = made["token"]
+        .as_str()
+        .context("no token printed")?
+        .to_owned();
+    let made_entry = made["toml"]
+        .as_str()
+        .context("no TOML entry printed")?
+        .to_owned();
+    ensure!(
+        !made_entry.contains(&made_token),
+        "the entry holds the token itself: {made_entry}"
+    );
     let tokens = Scratch::with_files(
         "tokens",
         &[(
@@ -424,8 +450,9 @@ async fn each_role_against_each_rpc_and_a_removed_token_refused_at_once() -> any
                 token_entry("viewer", "reader", "reader-token"),
                 token_entry("ops", "operator", "operator-token"),
                 token_entry("root", "admin", "admin-token"),
+                made_entry,
             ]
-            .concat(),
+            .join("\n"),
         )],
     )?;
     let tokens_file = tokens.join("tokens.toml");
@@ -509,7 +536,7 @@ async fn each_role_against_each_rpc_and_a_removed_token_refused_at_once() -> any
     }
     // sagactl sends its token from --token or SAGAD_TOKEN.
     let server = format!("http://{}", sagad.addr);
-    let listed = cli::sagactl(&["--server", &server, "--token", "reader-token", "list"]).await?;
+    let listed = cli::sagactl(&["--server", &server, "--token", &made_token, "list"]).await?;
     ensure!(
         listed.status.success(),
         "sagactl --token: {}",
@@ -517,7 +544,7 @@ async fn each_role_against_each_rpc_and_a_removed_token_refused_at_once() -> any
     );
     let denied = cli::sagactl_with_env(
         &["--server", &server, "cancel", &saga_id],
-        &[("SAGAD_TOKEN", "reader-token")],
+        &[("SAGAD_TOKEN", made_token.as_str())],
     )
     .await?;
     ensure!(
@@ -578,7 +605,7 @@ async fn each_role_against_each_rpc_and_a_removed_token_refused_at_once() -> any
         .await?;
     // No token ever reaches the log.
     let log = std::fs::read_to_string(&sagad.log)?;
-    for token in ["reader-token", "operator-token", "admin-token"] {
+    for token in ["reader-token", "operator-token", "admin-token", &made_token] {
         assert!(!log.contains(token), "the log holds {token}");
     }
     Ok(())
