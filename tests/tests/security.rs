@@ -54,6 +54,30 @@ async fn logged(sagad: &SagadProcess, line: &str) -> anyhow::Result<()> {
     }
 }
 
+/// Starts an `order_only` saga for `customer` and waits for it to end `COMPLETED` (`what`
+/// names it in the error); returns its id.
+async fn order_completes(
+    client: &mut Client,
+    customer: &str,
+    amount_cents: u32,
+    what: &str,
+) -> anyhow::Result<String> {
+    let saga_id = start_saga(
+        client,
+        "order_only",
+        json!({"customer_id": customer, "amount_cents": amount_cents, "country": "FR"}),
+    )
+    .await?;
+    let saga = wait_terminal(client, &saga_id, Duration::from_secs(60)).await?;
+    ensure!(
+        saga.status == SagaStatus::Completed as i32,
+        "{what} ended {:?}: {:?}",
+        saga.status,
+        saga.failure_reason
+    );
+    Ok(saga_id)
+}
+
 async fn client_over(sagad: &SagadProcess, tls: &ClientTlsConfig) -> anyhow::Result<Client> {
     let channel = endpoint(sagad.addr, Some(tls))?.connect().await?;
     Ok(SagaOrchestratorClient::new(channel))
@@ -143,19 +167,7 @@ async fn mutual_tls_end_to_end_and_a_certificate_rotated_by_sighup() -> anyhow::
 
     // With a certificate: a saga goes through, and the participant's database has the order.
     let mut client = client_over(&sagad, &pki.client_config(true)).await?;
-    let saga_id = start_saga(
-        &mut client,
-        "order_only",
-        json!({"customer_id": "tls-customer", "amount_cents": 1234, "country": "FR"}),
-    )
-    .await?;
-    let saga = wait_terminal(&mut client, &saga_id, Duration::from_secs(60)).await?;
-    ensure!(
-        saga.status == SagaStatus::Completed as i32,
-        "the saga over TLS ended {:?}: {:?}",
-        saga.status,
-        saga.failure_reason
-    );
+    let saga_id = order_completes(&mut client, "tls-customer", 1234, "the saga over TLS").await?;
     let mut db = sqlx::PgConnection::connect(&order_db.url()).await?;
     let (customer, status): (String, String) =
         sqlx::query_as("select customer_id, status from orders where saga_id = $1")
@@ -239,19 +251,13 @@ async fn mutual_tls_end_to_end_and_a_certificate_rotated_by_sighup() -> anyhow::
             .identity(other.client_identity()),
     );
     order.restart().await?;
-    let second = start_saga(
+    order_completes(
         &mut rotated,
-        "order_only",
-        json!({"customer_id": "tls-rotated", "amount_cents": 99, "country": "FR"}),
+        "tls-rotated",
+        99,
+        "the saga after sagad's client certificate rotated",
     )
     .await?;
-    let saga = wait_terminal(&mut rotated, &second, Duration::from_secs(60)).await?;
-    ensure!(
-        saga.status == SagaStatus::Completed as i32,
-        "the saga after sagad's client certificate rotated ended {:?}: {:?}",
-        saga.status,
-        saga.failure_reason
-    );
     Ok(())
 }
 

@@ -141,16 +141,15 @@ async fn accept(
 
 fn server_config(files: &ServerTlsFiles) -> Result<ServerConfig, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let certs = read_certs("--tls-cert", &files.cert)?;
-    let key = PrivateKeyDer::from_pem_file(&files.key)
-        .map_err(|error| TlsError::new("--tls-key", &files.key, pem_error(error)))?;
+    let certs = certs_in("--tls-cert", &files.cert, &read("--tls-cert", &files.cert)?)?;
+    let key = key_in("--tls-key", &files.key, &read("--tls-key", &files.key)?)?;
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
         .map_err(|error| TlsError::new("--tls-cert", &files.cert, error))?;
     let builder = match &files.client_ca {
         Some(path) => {
             let mut roots = RootCertStore::empty();
-            for cert in read_certs("--tls-client-ca", path)? {
+            for cert in certs_in("--tls-client-ca", path, &read("--tls-client-ca", path)?)? {
                 roots
                     .add(cert)
                     .map_err(|error| TlsError::new("--tls-client-ca", path, error))?;
@@ -174,15 +173,28 @@ fn server_config(files: &ServerTlsFiles) -> Result<ServerConfig, TlsError> {
     Ok(config)
 }
 
-fn read_certs(flag: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|error| TlsError::new(flag, path, pem_error(error)))?
+fn read(flag: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|error| TlsError::new(flag, path, error))
+}
+
+/// The certificates of a PEM file's text (`path` names it in errors); none is an error.
+fn certs_in(
+    flag: &'static str,
+    path: &Path,
+    pem: &[u8],
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|error| TlsError::new(flag, path, pem_error(error)))?;
     if certs.is_empty() {
         return Err(TlsError::new(flag, path, "holds no certificate (PEM)"));
     }
     Ok(certs)
+}
+
+/// The private key of a PEM file's text (`path` names it in errors).
+fn key_in(flag: &'static str, path: &Path, pem: &[u8]) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(pem).map_err(|error| TlsError::new(flag, path, pem_error(error)))
 }
 
 fn pem_error(error: rustls::pki_types::pem::Error) -> String {
@@ -202,43 +214,58 @@ pub struct FlaggedPath {
 }
 
 impl FlaggedPath {
-    pub fn new(flag: &'static str, path: PathBuf) -> Self {
-        Self { flag, path }
+    /// The file of `flag`, when the flag was given.
+    pub fn given(flag: &'static str, path: Option<&PathBuf>) -> Option<Self> {
+        path.map(|path| Self {
+            flag,
+            path: path.clone(),
+        })
     }
 }
 
 /// A client's TLS files.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ClientTlsFiles {
     /// The CA that signed the server's certificate; without it, the system's roots.
-    pub ca: Option<FlaggedPath>,
+    ca: Option<FlaggedPath>,
     /// A client certificate and its key, for servers that ask for one.
-    pub identity: Option<(FlaggedPath, FlaggedPath)>,
+    identity: Option<(FlaggedPath, FlaggedPath)>,
 }
 
 impl ClientTlsFiles {
+    /// The flags' files; a certificate counts only with its key (the flags require each
+    /// other).
+    pub fn new(
+        ca: Option<FlaggedPath>,
+        cert: Option<FlaggedPath>,
+        key: Option<FlaggedPath>,
+    ) -> Self {
+        Self {
+            ca,
+            identity: cert.zip(key),
+        }
+    }
+
     /// The files read and checked, as tonic's client configuration for `https://` addresses.
     pub fn client_config(&self) -> Result<ClientTlsConfig, TlsError> {
         let config = ClientTlsConfig::new();
         let config = match &self.ca {
             Some(ca) => {
-                read_certs(ca.flag, &ca.path)?;
-                config.ca_certificate(Certificate::from_pem(read(ca)?))
+                let pem = read(ca.flag, &ca.path)?;
+                certs_in(ca.flag, &ca.path, &pem)?;
+                config.ca_certificate(Certificate::from_pem(pem))
             }
             None => config.with_native_roots(),
         };
         Ok(match &self.identity {
             Some((cert, key)) => {
-                read_certs(cert.flag, &cert.path)?;
-                PrivateKeyDer::from_pem_file(&key.path)
-                    .map_err(|error| TlsError::new(key.flag, &key.path, pem_error(error)))?;
-                config.identity(Identity::from_pem(read(cert)?, read(key)?))
+                let cert_pem = read(cert.flag, &cert.path)?;
+                certs_in(cert.flag, &cert.path, &cert_pem)?;
+                let key_pem = read(key.flag, &key.path)?;
+                key_in(key.flag, &key.path, &key_pem)?;
+                config.identity(Identity::from_pem(cert_pem, key_pem))
             }
             None => config,
         })
     }
-}
-
-fn read(file: &FlaggedPath) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(&file.path).map_err(|error| TlsError::new(file.flag, &file.path, error))
 }

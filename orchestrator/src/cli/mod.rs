@@ -781,20 +781,11 @@ impl Server {
             .map_err(|error| anyhow!("--server {server:?} is not a valid address: {error}"))?
             .connect_timeout(CONNECT_TIMEOUT);
         if tls {
-            let files = sagad_tls::ClientTlsFiles {
-                ca: credentials
-                    .ca
-                    .clone()
-                    .map(|path| FlaggedPath::new("--ca", path)),
-                identity: credentials.cert.clone().zip(credentials.key.clone()).map(
-                    |(cert, key)| {
-                        (
-                            FlaggedPath::new("--cert", cert),
-                            FlaggedPath::new("--key", key),
-                        )
-                    },
-                ),
-            };
+            let files = sagad_tls::ClientTlsFiles::new(
+                FlaggedPath::given("--ca", credentials.ca.as_ref()),
+                FlaggedPath::given("--cert", credentials.cert.as_ref()),
+                FlaggedPath::given("--key", credentials.key.as_ref()),
+            );
             endpoint = endpoint.tls_config(files.client_config()?)?;
         } else if credentials.ca.is_some() || credentials.cert.is_some() {
             bail!("--ca and --cert need an https:// --server, got {url}");
