@@ -250,6 +250,7 @@ impl SagaOrchestrator for Api {
             // One more than asked tells whether another page follows.
             limit: page_size + 1,
             after,
+            find: None,
         };
         let records = self.engine.list_sagas(&filter).await?;
         // A page ends early rather than grow past what a client reads by default.

@@ -21,6 +21,7 @@ use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::definition::DefinitionSet;
 use crate::engine::{Engine, LeaseTiming, Participants};
+use crate::explorer::EngineSource;
 use crate::http::Readiness;
 use crate::limits::Limits;
 use crate::store::{Store, Writer};
@@ -104,13 +105,17 @@ pub async fn serve(
     crate::telemetry::preset(&definitions);
     let gauges = ActivityGauges::new(&definitions);
     let ready = ReadySwitch::default();
+    // One share per client, whether it watches over gRPC or in the explorer.
+    let limits = Limits::new(config.start_rate, config.max_watches_per_client);
     let stop_http = CancellationToken::new();
     // Whatever way this function ends, the HTTP server ends with it.
     let _stop_http_on_return = stop_http.clone().drop_guard();
     let (http_task, metrics) = match http {
         Some(HttpEndpoint { listener, metrics }) => {
             tracing::info!(http_listen = %listener.local_addr()?, "HTTP is serving");
-            let router = crate::http::router(metrics.clone(), ready.readiness());
+            let explorer =
+                crate::explorer::router(ready.engine_source(), auth.clone(), limits.clone());
+            let router = crate::http::router(metrics.clone(), ready.readiness(), explorer);
             let task = tokio::spawn(crate::http::serve(
                 listener,
                 router,
@@ -177,12 +182,8 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(InterceptedService::new(
-            SagaOrchestratorServer::new(Api::new(
-                engine.clone(),
-                auth.clone(),
-                Limits::new(config.start_rate, config.max_watches_per_client),
-            ))
-            .max_decoding_message_size(config.max_request_bytes as usize),
+            SagaOrchestratorServer::new(Api::new(engine.clone(), auth.clone(), limits))
+                .max_decoding_message_size(config.max_request_bytes as usize),
             crate::api::authenticate(auth.clone()),
         ));
     let stopped = stop_serving.clone().cancelled_owned();
@@ -342,6 +343,17 @@ impl ReadySwitch {
         if let Ok(mut slot) = self.engine.write() {
             *slot = None;
         }
+    }
+
+    /// The engine for the explorer's pages, while it runs.
+    fn engine_source(&self) -> EngineSource {
+        let switch = self.clone();
+        Arc::new(move || {
+            if switch.stopping.load(Ordering::SeqCst) {
+                return None;
+            }
+            switch.engine.read().ok().and_then(|slot| slot.clone())
+        })
     }
 
     fn readiness(&self) -> Readiness {

@@ -240,7 +240,6 @@ impl SagaDefinition {
         Ok((definition, validator))
     }
 
-    #[cfg(test)]
     /// The step called `name`, if the saga has one.
     pub fn step(&self, name: &str) -> Option<&StepDefinition> {
         self.steps.iter().find(|step| step.name == name)
@@ -469,6 +468,11 @@ impl DefinitionSet {
     /// One exact version: what a saga recorded with that `definition_version` resumes on.
     pub fn get(&self, saga_type: &str, version: u32) -> Option<Arc<SagaDefinition>> {
         self.by_type.get(saga_type)?.get(&version).map(Arc::clone)
+    }
+
+    /// Every definition, by saga type and then version.
+    pub fn all(&self) -> impl Iterator<Item = &Arc<SagaDefinition>> {
+        self.by_type.values().flat_map(BTreeMap::values)
     }
 
     /// Every participant name used by some step.

@@ -1,8 +1,9 @@
 //! sagad's HTTP server: `GET /metrics` (Prometheus text), `GET /healthz` (the process is up),
-//! `GET /readyz` (this replica can do its work: the database answers and its lease holds).
-//! Anything else is 404.
+//! `GET /readyz` (this replica can do its work: the database answers and its lease holds), and
+//! the saga explorer's pages (`explorer`). Anything else is 404.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
@@ -26,14 +27,16 @@ struct Endpoints {
     ready: Readiness,
 }
 
-/// The routes, with the metrics page they render and the readiness they report.
-pub fn router(metrics: Metrics, ready: Readiness) -> Router {
+/// The routes, with the metrics page they render, the readiness they report, and the
+/// explorer's pages.
+pub fn router(metrics: Metrics, ready: Readiness, explorer: Router) -> Router {
     Router::new()
         .route("/metrics", get(metrics_page))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(not_found)
         .with_state(Endpoints { metrics, ready })
+        .merge(explorer)
 }
 
 /// Serves `router` on `listener` until `stop` resolves; requests in progress then finish.
@@ -42,9 +45,13 @@ pub async fn serve(
     router: Router,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(stop)
-        .await
+    // The explorer records who acted by the visitor's address when tokens are off.
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(stop)
+    .await
 }
 
 async fn metrics_page(State(endpoints): State<Endpoints>) -> Response {
@@ -73,6 +80,6 @@ async fn readyz(State(endpoints): State<Endpoints>) -> (StatusCode, &'static str
 async fn not_found() -> (StatusCode, &'static str) {
     (
         StatusCode::NOT_FOUND,
-        "not found: sagad serves /metrics, /healthz and /readyz\n",
+        "not found: sagad serves the explorer at /, and /metrics, /healthz and /readyz\n",
     )
 }

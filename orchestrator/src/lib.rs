@@ -3,7 +3,7 @@
 //!
 //! Data flows one way: `api` → `engine` → `saga` (the pure core) and `store` (all SQL).
 //! `definition` parses and validates the saga definitions; `http` and `telemetry` are what
-//! operators read (metrics, health, logs).
+//! operators read (metrics, health, logs), and `explorer` the pages people read and act on.
 
 pub mod api;
 pub mod auth;
@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod definition;
 pub mod document;
 pub mod engine;
+pub mod explorer;
 pub mod http;
 pub mod limits;
 pub mod saga;

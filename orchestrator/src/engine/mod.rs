@@ -29,7 +29,7 @@ use crate::definition::DefinitionSet;
 use crate::document::{self, shorten};
 use crate::saga::{CannotCancel, CannotRetry, Event, Saga, SagaStatus};
 use crate::store::{
-    EventRecord, Fence, ListFilter, Projection, SagaRecord, SagaWrite, Store, StoreError,
+    EventRecord, Fence, ListFilter, Overview, Projection, SagaRecord, SagaWrite, Store, StoreError,
     WriteOutcome, Writer,
 };
 
@@ -408,6 +408,25 @@ impl Engine {
             .store
             .history_after(saga_id, after, through, Some(limit))
             .await?)
+    }
+
+    /// Every saga counted by type and status, and the sagas ended per minute since `since`.
+    pub async fn overview(&self, since: DateTime<Utc>) -> Result<Overview, EngineError> {
+        Ok(self.inner.store.overview(since).await?)
+    }
+
+    /// Up to `limit` sagas a person must look at (FAILED or stuck), the longest waiting first.
+    pub async fn needing_attention(&self, limit: u32) -> Result<Vec<SagaRecord>, EngineError> {
+        Ok(self
+            .inner
+            .store
+            .needing_attention(self.stuck_cutoff(), limit)
+            .await?)
+    }
+
+    /// The definitions this replica loaded: what it starts new sagas with.
+    pub fn definitions(&self) -> &DefinitionSet {
+        &self.inner.definitions
     }
 
     pub async fn list_sagas(&self, filter: &ListFilter) -> Result<Vec<SagaRecord>, EngineError> {

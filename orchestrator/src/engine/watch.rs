@@ -54,6 +54,8 @@ impl Watches {
     }
 }
 
+/// Whether the event ends the saga. A saga has ended when its last event is one: a `FAILED`
+/// saga that is retried goes on after its `saga_failed`.
 pub(super) fn is_terminal(event_type: &str) -> bool {
     matches!(
         event_type,
@@ -127,7 +129,7 @@ impl Engine {
                     Ok(new) => {
                         for event in new {
                             last = event.seq;
-                            ended |= is_terminal(&event.event_type);
+                            ended = is_terminal(&event.event_type);
                             let _ = events.send(Arc::new(event));
                         }
                     }
@@ -171,7 +173,7 @@ impl Engine {
         let mut ended = false;
         for event in history {
             last = event.seq;
-            ended |= is_terminal(&event.event_type);
+            ended = is_terminal(&event.event_type);
             if sender.send(Ok(event)).await.is_err() {
                 return;
             }
@@ -211,7 +213,9 @@ impl Engine {
                         .history_after(saga_id, last, u64::MAX, None)
                         .await;
                     match caught_up {
-                        Ok(events) if events.iter().any(|e| is_terminal(&e.event_type)) => events,
+                        Ok(events) if events.last().is_some_and(|e| is_terminal(&e.event_type)) => {
+                            events
+                        }
                         Ok(events) => {
                             for event in events {
                                 if sender.send(Ok(event)).await.is_err() {
@@ -234,7 +238,7 @@ impl Engine {
                     continue;
                 }
                 last = event.seq;
-                ended |= is_terminal(&event.event_type);
+                ended = is_terminal(&event.event_type);
                 if sender.send(Ok(event)).await.is_err() {
                     return;
                 }

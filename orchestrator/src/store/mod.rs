@@ -315,6 +315,17 @@ pub struct ListFilter {
     pub failing_before: Option<DateTime<Utc>>,
     pub limit: u32,
     pub after: Option<ListCursor>,
+    /// Only the saga with this id, correlation id or idempotency key.
+    pub find: Option<String>,
+}
+
+/// What the explorer's overview shows: every saga counted by type and status, and the sagas
+/// that ended in each minute since a time.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Overview {
+    pub counts: Vec<(String, SagaStatus, i64)>,
+    /// The start of each minute with sagas ended in it, their end status and how many.
+    pub finished_per_minute: Vec<(DateTime<Utc>, SagaStatus, i64)>,
 }
 
 /// The active sagas of the database, counted in one query for the sampled gauges.
@@ -805,6 +816,8 @@ impl Store {
                      and (cardinality($2::text[]) = 0 or status = any($2))
                      and ($3::timestamptz is null or (created_at, saga_id) < ($3, $4::uuid))
                      and ($6::timestamptz is null or failing_since < $6)
+                     and ($7::text is null
+                          or saga_id = $8 or correlation_id = $7 or idempotency_key = $7)
                    order by created_at desc, saga_id desc
                    limit $5"#,
                 filter.saga_type.as_deref(),
@@ -813,6 +826,76 @@ impl Store {
                 filter.after.map(|cursor| cursor.saga_id),
                 i64::from(filter.limit),
                 filter.failing_before,
+                filter.find.as_deref(),
+                filter
+                    .find
+                    .as_deref()
+                    .and_then(|text| Uuid::parse_str(text).ok()),
+            )
+            .fetch_all(&self.pool),
+        )
+        .await?;
+        rows.into_iter().map(SagaRow::into_record).collect()
+    }
+
+    /// Every saga counted by type and status, and the sagas ended in each minute since
+    /// `since`: two scans of the read model (no index helps a count of every row).
+    pub async fn overview(&self, since: DateTime<Utc>) -> Result<Overview> {
+        let (counts, finished) = bounded_all("counting sagas", CALL_TIMEOUT, async {
+            let counts = sqlx::query!(
+                r#"select saga_type, status, count(*) as "count!"
+                   from sagas group by saga_type, status order by saga_type, status"#,
+            )
+            .fetch_all(&self.pool)
+            .await?;
+            let finished = sqlx::query!(
+                r#"select date_trunc('minute', updated_at) as "minute!", status,
+                          count(*) as "count!"
+                   from sagas
+                   where wake_at is null and updated_at >= $1
+                     and status in ('COMPLETED', 'COMPENSATED', 'FAILED')
+                   group by 1, 2 order by 1"#,
+                since,
+            )
+            .fetch_all(&self.pool)
+            .await?;
+            Ok((counts, finished))
+        })
+        .await?;
+        Ok(Overview {
+            counts: counts
+                .into_iter()
+                .filter_map(|row| Some((row.saga_type, SagaStatus::parse(&row.status)?, row.count)))
+                .collect(),
+            finished_per_minute: finished
+                .into_iter()
+                .filter_map(|row| Some((row.minute, SagaStatus::parse(&row.status)?, row.count)))
+                .collect(),
+        })
+    }
+
+    /// The sagas a person must look at, `FAILED` ones and the ones failing since before
+    /// `failing_before` (stuck), the longest waiting first: a failed saga since it was last
+    /// changed, a stuck one since it began failing.
+    pub async fn needing_attention(
+        &self,
+        failing_before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<SagaRecord>> {
+        let rows = bounded(
+            "listing the sagas that need a person",
+            CALL_TIMEOUT,
+            sqlx::query_as!(
+                SagaRow,
+                r#"select saga_id, saga_type, definition_version, status, input, steps,
+                          failure_reason, version, correlation_id, idempotency_key, created_at,
+                          updated_at, wake_at, failing_since
+                   from sagas
+                   where status = 'FAILED' or failing_since < $1
+                   order by coalesce(failing_since, updated_at), saga_id
+                   limit $2"#,
+                failing_before,
+                i64::from(limit),
             )
             .fetch_all(&self.pool),
         )

@@ -1,0 +1,329 @@
+//! Who is looking, and whether a POST is theirs. With tokens on, the token comes from the
+//! `sagad_token` cookie (set by `/login`: `HttpOnly`, so no script reads it, `SameSite=Strict`,
+//! so no other site's page sends it) or an `authorization: Bearer` header, and gives the role
+//! it gives over gRPC. Every form carries the value of the `sagad_csrf` cookie, which a foreign
+//! page can neither read nor set: a POST without it, or from another origin, is refused.
+
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Redirect, Response};
+use subtle::ConstantTimeEq as _;
+
+use super::{Explorer, PageError, html, no_store, pages, pairs};
+use crate::auth::{Authenticator, Role};
+
+const TOKEN_COOKIE: &str = "sagad_token";
+const CSRF_COOKIE: &str = "sagad_csrf";
+/// How long a browser keeps the token: a working day.
+const TOKEN_COOKIE_SECONDS: u32 = 12 * 60 * 60;
+
+/// The visitor of a page, as its token (or, with tokens off, its address) says.
+pub(crate) struct Visitor {
+    /// For the history of what it changes: the token's name, else the visitor's address.
+    pub(crate) who: String,
+    /// Whose share of the limits it takes: the token's name, else the IP address.
+    pub(crate) limited_as: String,
+    pub(crate) role: Role,
+    /// The token's name; `None` with tokens off.
+    pub(crate) name: Option<String>,
+    /// What this visitor's forms must carry back.
+    pub(crate) csrf: String,
+    /// The csrf value is new: the response sets its cookie, and no form could carry it yet.
+    new_csrf: bool,
+}
+
+impl FromRequestParts<Explorer> for Visitor {
+    type Rejection = PageError;
+
+    async fn from_request_parts(parts: &mut Parts, explorer: &Explorer) -> Result<Self, PageError> {
+        let (csrf, new_csrf) = match cookie(&parts.headers, CSRF_COOKIE).filter(|v| is_csrf(v)) {
+            Some(csrf) => (csrf.to_owned(), false),
+            None => (fresh_csrf()?, true),
+        };
+        if !explorer.auth.is_on() {
+            let peer = parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|info| info.0);
+            return Ok(Self {
+                who: match peer {
+                    Some(address) => format!("explorer at {address}"),
+                    None => "explorer".to_owned(),
+                },
+                limited_as: peer.map_or_else(|| "explorer".to_owned(), |a| a.ip().to_string()),
+                role: Role::Admin,
+                name: None,
+                csrf,
+                new_csrf,
+            });
+        }
+        let token = bearer(&parts.headers).or_else(|| cookie(&parts.headers, TOKEN_COOKIE));
+        let Some(caller) = token.and_then(|token| explorer.auth.caller_of(token)) else {
+            if parts.method == Method::GET && !parts.uri.path().ends_with("/live") {
+                let next = parts
+                    .uri
+                    .path_and_query()
+                    .map_or("/", |target| target.as_str())
+                    .to_owned();
+                return Err(PageError::Login { next });
+            }
+            return Err(PageError::Unauthenticated(
+                "a token is required: sign in at /login".to_owned(),
+            ));
+        };
+        Ok(Self {
+            who: caller.name.clone(),
+            limited_as: caller.name.clone(),
+            role: caller.role,
+            name: Some(caller.name),
+            csrf,
+            new_csrf,
+        })
+    }
+}
+
+impl Visitor {
+    /// Whether the visitor may `what`, which needs `needed`.
+    pub(crate) fn require(&self, needed: Role, what: &str) -> Result<(), PageError> {
+        if self.role >= needed {
+            return Ok(());
+        }
+        Err(PageError::Forbidden(format!(
+            "{} has the role {}; to {what} needs {}",
+            self.name.as_deref().unwrap_or("this visitor"),
+            self.role.name(),
+            needed.name()
+        )))
+    }
+
+    pub(crate) fn may(&self, needed: Role) -> bool {
+        self.role >= needed
+    }
+
+    /// A POST from this origin's own page: the browser says it comes from this origin (or
+    /// says nothing), and its form carries this visitor's csrf value.
+    pub(crate) fn check_same_origin_post(
+        &self,
+        headers: &HeaderMap,
+        presented: Option<&str>,
+    ) -> Result<(), PageError> {
+        same_origin(headers)?;
+        let matches = presented.is_some_and(|presented| {
+            !self.new_csrf && bool::from(presented.as_bytes().ct_eq(self.csrf.as_bytes()))
+        });
+        if !matches {
+            return Err(PageError::Forbidden(
+                "this form did not come from this explorer's page (or the page is stale): \
+                 open the page again"
+                    .to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Sets the csrf cookie when the visitor had none.
+    pub(crate) fn set_cookies(&self, headers: &mut HeaderMap) {
+        if self.new_csrf {
+            set_cookie(headers, &csrf_cookie(&self.csrf));
+        }
+    }
+}
+
+/// Refuses a request the browser marks as coming from another site or origin.
+fn same_origin(headers: &HeaderMap) -> Result<(), PageError> {
+    let refused = || PageError::Forbidden("a request from another site is refused".to_owned());
+    if let Some(site) = headers.get("sec-fetch-site")
+        && site.as_bytes() != b"same-origin"
+    {
+        return Err(refused());
+    }
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let host = headers
+            .get(header::HOST)
+            .and_then(|host| host.to_str().ok())
+            .ok_or_else(refused)?;
+        let origin = origin.to_str().map_err(|_| refused())?;
+        let origin_host = origin
+            .strip_prefix("http://")
+            .or_else(|| origin.strip_prefix("https://"))
+            .ok_or_else(refused)?;
+        if !origin_host.eq_ignore_ascii_case(host) {
+            return Err(refused());
+        }
+    }
+    Ok(())
+}
+
+fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| value)
+        .filter(|value| !value.is_empty())
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|token| !token.is_empty())
+}
+
+fn is_csrf(value: &str) -> bool {
+    value.len() == 64 && value.bytes().all(|byte| byte.is_ascii_hexdigit())
+}
+
+fn fresh_csrf() -> Result<String, PageError> {
+    let mut bytes = [0_u8; 32];
+    getrandom::fill(&mut bytes)
+        .map_err(|error| PageError::Unavailable(format!("no randomness: {error}")))?;
+    Ok(hex::encode(bytes))
+}
+
+fn csrf_cookie(value: &str) -> String {
+    format!("{CSRF_COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict")
+}
+
+fn set_cookie(headers: &mut HeaderMap, cookie: &str) {
+    if let Ok(value) = HeaderValue::from_str(cookie) {
+        headers.append(header::SET_COOKIE, value);
+    }
+}
+
+/// Characters a cookie value may hold unquoted; a token with others cannot be kept in one.
+fn cookie_safe(token: &str) -> bool {
+    token
+        .bytes()
+        .all(|byte| byte.is_ascii_graphic() && !matches!(byte, b'"' | b',' | b';' | b'\\'))
+}
+
+/// Where to go after signing in: a path of this site, else the overview.
+pub(crate) fn next_target(query: Option<&str>) -> String {
+    pairs(query.unwrap_or_default().as_bytes())
+        .into_iter()
+        .find(|(name, _)| name == "next")
+        .map(|(_, next)| local_path(&next))
+        .unwrap_or_else(|| "/".to_owned())
+}
+
+fn local_path(target: &str) -> String {
+    if target.starts_with('/') && !target.starts_with("//") && !target.contains('\\') {
+        target.to_owned()
+    } else {
+        "/".to_owned()
+    }
+}
+
+/// The login page; with tokens off there is nothing to sign in to, and it sends the visitor on.
+pub(crate) fn login_form(
+    auth: &Authenticator,
+    headers: &HeaderMap,
+    next: &str,
+    error: Option<&str>,
+    status: StatusCode,
+) -> Response {
+    if !auth.is_on() {
+        return Redirect::to(next).into_response();
+    }
+    let (csrf, new_csrf) = match cookie(headers, CSRF_COOKIE).filter(|v| is_csrf(v)) {
+        Some(csrf) => (csrf.to_owned(), false),
+        None => match fresh_csrf() {
+            Ok(csrf) => (csrf, true),
+            Err(error) => return error.into_response(),
+        },
+    };
+    let mut response = (status, html(pages::login(next, &csrf, error))).into_response();
+    no_store(response.headers_mut());
+    if new_csrf {
+        set_cookie(response.headers_mut(), &csrf_cookie(&csrf));
+    }
+    response
+}
+
+/// Checks the token of the login form and keeps it in the cookie.
+pub(crate) fn log_in(
+    auth: &Authenticator,
+    headers: &HeaderMap,
+    form: &[(String, String)],
+) -> Response {
+    let field = |name: &str| {
+        form.iter()
+            .find(|(field, _)| field == name)
+            .map_or("", |(_, value)| value.as_str())
+    };
+    let next = local_path(field("next"));
+    if let Err(error) = check_login_post(headers, field("csrf")) {
+        return error.into_response();
+    }
+    let token = field("token").trim();
+    if !auth.is_on() {
+        return Redirect::to(&next).into_response();
+    }
+    if !cookie_safe(token) {
+        return login_form(
+            auth,
+            headers,
+            &next,
+            Some("this token holds characters a cookie cannot keep"),
+            StatusCode::BAD_REQUEST,
+        );
+    }
+    let Some(caller) = auth.caller_of(token) else {
+        return login_form(
+            auth,
+            headers,
+            &next,
+            Some("this token is not known"),
+            StatusCode::UNAUTHORIZED,
+        );
+    };
+    tracing::info!(token = %caller.name, role = caller.role.name(), "signed in to the explorer");
+    let mut response = Redirect::to(&next).into_response();
+    set_cookie(
+        response.headers_mut(),
+        &format!(
+            "{TOKEN_COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={TOKEN_COOKIE_SECONDS}"
+        ),
+    );
+    response
+}
+
+/// Forgets the token the cookie keeps.
+pub(crate) fn log_out(headers: &HeaderMap, form: &[(String, String)]) -> Response {
+    let presented = form
+        .iter()
+        .find(|(name, _)| name == "csrf")
+        .map_or("", |(_, value)| value.as_str());
+    if let Err(error) = check_login_post(headers, presented) {
+        return error.into_response();
+    }
+    let mut response = Redirect::to("/login").into_response();
+    set_cookie(
+        response.headers_mut(),
+        &format!("{TOKEN_COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"),
+    );
+    response
+}
+
+/// A login or logout form: from this origin, carrying the csrf cookie's value.
+fn check_login_post(headers: &HeaderMap, presented: &str) -> Result<(), PageError> {
+    same_origin(headers)?;
+    let expected = cookie(headers, CSRF_COOKIE).filter(|value| is_csrf(value));
+    if expected.is_some_and(|expected| bool::from(presented.as_bytes().ct_eq(expected.as_bytes())))
+    {
+        Ok(())
+    } else {
+        Err(PageError::Forbidden(
+            "this form did not come from this explorer's page: open the page again".to_owned(),
+        ))
+    }
+}
