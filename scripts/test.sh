@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 deploy/ensure-postgres.sh
 # The metrics tests lint sagad's page with promtool.
 scripts/ensure-promtool.sh
+# The explorer's browser tests drive Debian's headless Chromium.
+scripts/ensure-chromium.sh
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

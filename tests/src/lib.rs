@@ -1,11 +1,14 @@
 //! Support for sagad's integration and end-to-end tests: fresh Postgres databases, scripted
-//! participant servers that record every call, sagad in-process or as a real process, and
-//! client helpers. Each test gets its own database and ports, so tests run in parallel.
+//! participant servers that record every call, sagad in-process or as a real process, client
+//! helpers, and a headless Chromium for the explorer's pages. Each test gets its own database
+//! and ports, so tests run in parallel.
 
+pub mod browser;
 pub mod cli;
 pub mod daemon;
 pub mod database;
 pub mod demo;
+pub mod http;
 pub mod metrics;
 pub mod otlp;
 pub mod participant;

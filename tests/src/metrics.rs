@@ -7,8 +7,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::TcpStream;
+use tokio::io::AsyncWriteExt as _;
 use tokio::process::Command;
 
 /// The metrics page as text. The page is rendered from memory, so it answers even while the
@@ -24,33 +23,8 @@ pub async fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
 
 /// `GET path`: the status code and the body, within 10 s.
 pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    tokio::time::timeout(Duration::from_secs(10), fetch(addr, path))
-        .await
-        .with_context(|| format!("GET http://{addr}{path} did not answer within 10 s"))?
-}
-
-async fn fetch(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    let mut stream = TcpStream::connect(addr)
-        .await
-        .with_context(|| format!("connecting to the HTTP listener {addr}"))?;
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await?;
-    let response = String::from_utf8_lossy(&response).into_owned();
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .context("an HTTP response without a blank line after its head")?;
-    let status_line = head.lines().next().unwrap_or_default();
-    let status = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .with_context(|| format!("GET http://{addr}{path}: no status in {status_line:?}"))?;
-    Ok((status, body.to_owned()))
+    let reply = crate::http::get(addr, path).await?;
+    Ok((reply.status, reply.body))
 }
 
 /// The sum of every series of metric `name` on the page (all label sets); 0 when the page has

@@ -242,7 +242,12 @@ pub(super) fn overview(page: &OverviewPage<'_>) -> Markup {
         }
         section {
             h2 { "Sagas ended per minute, last hour" }
-            p #ended-last-hour { (ended_in_hour) " sagas ended in the last hour." }
+            p #ended-last-hour {
+                (ended_in_hour) " sagas ended in the last hour: "
+                span.legend.s-COMPLETED { "completed" } " "
+                span.legend.s-COMPENSATED { "compensated" } " "
+                span.legend.s-FAILED { "failed" }
+            }
             (diagram::finished_chart(&page.overview.finished_per_minute, page.now))
         }
         section {
