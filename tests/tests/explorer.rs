@@ -585,6 +585,13 @@ async fn admin_retries(
         browser.count("#compensation-path").await? == 1,
         "no compensation path is drawn"
     );
+    ensure!(
+        browser
+            .count(r#"#retry-dialog input[name="skip"][value="charge_payment"]"#)
+            .await?
+            == 1,
+        "the retry dialog does not offer to skip the refund"
+    );
     browser.screenshot("saga-failed").await?;
 
     let charged = system.balance_cents(customer).await?;
@@ -777,18 +784,28 @@ async fn reader_sees_no_action(system: &DemoSystem, browser: &Browser) -> anyhow
         "a refused post changed the saga"
     );
 
-    // The same post, made properly, is taken: the refusals were the forgery's.
+    // The same post, made properly, is taken: the refusals were the forgery's. It is the retry
+    // dialog's form with the frozen account's refund ticked as made by hand.
     let origin = format!("http://{addr}");
     let proper = [("Cookie", cookies.as_str()), ("Origin", origin.as_str())];
+    let body = format!("csrf={csrf}&skip=charge_payment&reason=refunded+by+bank+transfer");
     let reply = request(addr, "POST", &retry, &proper, Some(&body)).await?;
     ensure!(
         reply.status == 303,
         "the admin's proper retry answered {}",
         reply.status
     );
+    wait_as(
+        &mut client,
+        ADMIN.1,
+        &saga_id,
+        has_status(sagad_proto::v1::SagaStatus::Compensated),
+    )
+    .await?;
     ensure!(
-        events_of(system, &saga_id, "retry_requested").await? == 1,
-        "the admin's retry is not in the log"
+        events_of(system, &saga_id, "retry_requested").await? == 1
+            && events_of(system, &saga_id, "compensation_skipped").await? == 1,
+        "the admin's retry skipping the refund is not in the log"
     );
     Ok(())
 }

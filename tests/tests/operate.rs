@@ -343,8 +343,12 @@ async fn a_failed_saga_is_retried_once_fixed_and_a_step_undone_by_hand_is_skippe
         "{:?}",
         retried.status
     );
+    // A watcher joining the retried saga follows it to its new end: the saga_failed events
+    // of its history are behind it, not its end.
+    let watched = tokio::spawn(watch_to_end(env.client.clone(), first.clone()));
     let done = wait_terminal(&mut env.client, &first, DEADLINE).await?;
     let done = get_saga(&mut env.client, &done.saga_id).await?;
+    same_as_history(&watched.await??, &done)?;
     ensure!(
         done.status == SagaStatus::Compensated as i32,
         "{:?}: {}",

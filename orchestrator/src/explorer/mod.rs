@@ -12,6 +12,8 @@
 mod diagram;
 mod pages;
 mod session;
+#[cfg(test)]
+mod tests;
 
 use std::convert::Infallible;
 use std::sync::Arc;

@@ -327,3 +327,151 @@ fn check_login_post(headers: &HeaderMap, presented: &str) -> Result<(), PageErro
         ))
     }
 }
+
+#[cfg(test)]
+impl Visitor {
+    /// A visitor of `role`, signed in as `name`, whose csrf cookie is known.
+    pub(crate) fn signed_in(role: Role, name: &str) -> Self {
+        Self {
+            who: name.to_owned(),
+            limited_as: name.to_owned(),
+            role,
+            name: Some(name.to_owned()),
+            csrf: "ab".repeat(32),
+            new_csrf: false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in pairs {
+            if let (Ok(name), Ok(value)) = (
+                header::HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_str(value),
+            ) {
+                headers.append(name, value);
+            }
+        }
+        headers
+    }
+
+    #[test]
+    fn a_cookie_is_found_by_its_name_among_others() {
+        let sent = headers(&[("cookie", "a=1; sagad_token=abc; b=2"), ("cookie", "c=3")]);
+        assert_eq!(cookie(&sent, TOKEN_COOKIE), Some("abc"));
+        assert_eq!(cookie(&sent, "c"), Some("3"));
+        assert_eq!(cookie(&sent, CSRF_COOKIE), None);
+        assert_eq!(
+            cookie(&headers(&[("cookie", "sagad_token=")]), TOKEN_COOKIE),
+            None
+        );
+    }
+
+    #[test]
+    fn only_a_bearer_authorization_gives_a_token() {
+        assert_eq!(
+            bearer(&headers(&[("authorization", "Bearer t0k")])),
+            Some("t0k")
+        );
+        assert_eq!(
+            bearer(&headers(&[("authorization", "bearer  t0k ")])),
+            Some("t0k")
+        );
+        assert_eq!(
+            bearer(&headers(&[("authorization", "Basic dXNlcg==")])),
+            None
+        );
+        assert_eq!(bearer(&headers(&[("authorization", "Bearer ")])), None);
+    }
+
+    #[test]
+    fn a_post_from_another_origin_or_site_is_refused() {
+        let host = ("host", "127.0.0.1:9464");
+        assert!(same_origin(&headers(&[host])).is_ok());
+        assert!(same_origin(&headers(&[host, ("origin", "http://127.0.0.1:9464")])).is_ok());
+        assert!(same_origin(&headers(&[host, ("sec-fetch-site", "same-origin")])).is_ok());
+        for foreign in [
+            ("origin", "http://attacker.example"),
+            ("origin", "http://127.0.0.1:9465"),
+            ("origin", "null"),
+            ("sec-fetch-site", "cross-site"),
+            ("sec-fetch-site", "same-site"),
+        ] {
+            assert!(
+                matches!(
+                    same_origin(&headers(&[host, foreign])),
+                    Err(PageError::Forbidden(_))
+                ),
+                "{foreign:?}"
+            );
+        }
+        assert!(same_origin(&headers(&[("origin", "http://127.0.0.1:9464")])).is_err());
+    }
+
+    #[test]
+    fn a_form_must_carry_the_visitors_csrf_value_from_a_cookie_it_already_had() {
+        let visitor = Visitor::signed_in(Role::Admin, "root");
+        let none = HeaderMap::new();
+        assert!(
+            visitor
+                .check_same_origin_post(&none, Some(&"ab".repeat(32)))
+                .is_ok()
+        );
+        assert!(
+            visitor
+                .check_same_origin_post(&none, Some(&"0".repeat(64)))
+                .is_err()
+        );
+        assert!(visitor.check_same_origin_post(&none, None).is_err());
+        let fresh = Visitor {
+            new_csrf: true,
+            ..Visitor::signed_in(Role::Admin, "root")
+        };
+        assert!(
+            fresh
+                .check_same_origin_post(&none, Some(&"ab".repeat(32)))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn after_signing_in_the_browser_goes_only_to_a_path_of_this_site() {
+        assert_eq!(
+            next_target(Some("next=%2Fsagas%3Fstatus%3DFAILED")),
+            "/sagas?status=FAILED"
+        );
+        for elsewhere in [
+            "next=%2F%2Fattacker.example",
+            "next=http://attacker.example",
+            "next=%2F%5Cx",
+            "",
+        ] {
+            assert_eq!(next_target(Some(elsewhere)), "/", "{elsewhere}");
+        }
+        assert_eq!(next_target(None), "/");
+    }
+
+    #[test]
+    fn roles_allow_what_they_allow() {
+        let reader = Visitor::signed_in(Role::Reader, "viewer");
+        assert!(reader.require(Role::Reader, "look").is_ok());
+        assert!(
+            matches!(reader.require(Role::Operator, "cancel a saga"), Err(PageError::Forbidden(m)) if m.contains("viewer"))
+        );
+        let operator = Visitor::signed_in(Role::Operator, "ops");
+        assert!(operator.may(Role::Operator) && !operator.may(Role::Admin));
+    }
+
+    #[test]
+    fn a_token_a_cookie_cannot_hold_is_told_apart() {
+        assert!(cookie_safe("abcDEF-_.~0123"));
+        for bad in ["a b", "a;b", "a,b", "a\"b", "a\\b", "é"] {
+            assert!(!cookie_safe(bad), "{bad}");
+        }
+    }
+}
