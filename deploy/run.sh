@@ -164,7 +164,7 @@ start sagad --database-url "$sagad_db" --defs saga-defs \
   --participant shipping=http://127.0.0.1:50063
 wait_ready sagad "$sagactl" list --limit 1
 say "Running: order-service :50061, payment-service :50062, shipping-service :50063,"
-say "         sagad :50051 (metrics http://127.0.0.1:9464/metrics)"
+say "         sagad :50051 (explorer http://127.0.0.1:9464/, metrics http://127.0.0.1:9464/metrics)"
 
 # Customers new to this run: account balances persist from one run to the next.
 run_id=$(date +%Y%m%d-%H%M%S)
@@ -222,6 +222,9 @@ refuses country AQ), then look at them:
   $shown_sagactl get SAGA_ID
   $shown_sagactl watch SAGA_ID      # its events as they come, until it ends
   $shown_sagactl list --stuck       # sagas whose current step keeps failing
+
+Or open the explorer in a browser: http://127.0.0.1:9464/ (every saga, live, with its
+diagram, timeline, and Cancel and Retry).
 
 Logs: tail -f $logs/*.log. Press Ctrl-C to stop everything.
 EOF

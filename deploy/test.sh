@@ -220,8 +220,13 @@ for port in "$http1" "$http2"; do
   curl -fsS "http://127.0.0.1:$port/metrics" >"$run/metrics-$port.txt" || fail "/metrics on :$port"
   grep -q '^sagad_sagas_finished_total' "$run/metrics-$port.txt" ||
     fail "/metrics on :$port lacks sagad_sagas_finished_total"
+  # The explorer, its assets compiled into the binary: the overview counts the orders.
+  curl -fsS "http://127.0.0.1:$port/" >"$run/explorer-$port.html" || fail "the explorer on :$port"
+  grep -q 'id="counts"' "$run/explorer-$port.html" || fail "the explorer on :$port shows no counts"
+  curl -fsS "http://127.0.0.1:$port/assets/explorer.js" >/dev/null ||
+    fail "the explorer's script on :$port"
 done
-say "both replicas: /readyz 200, /metrics served"
+say "both replicas: /readyz 200, /metrics and the explorer served"
 
 phase "a replica stopped in the middle of a saga: the other takes it over"
 # payment-service frozen, so the saga waits at its charge on replica 1; replica 1 stopped

@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use crate::auth::{Authenticator, Role};
 use crate::document::{self, shorten};
-use crate::engine::{Engine, EngineError, StartRequest};
+use crate::engine::{Engine, EngineError, MAX_REASON_BYTES, StartRequest};
 use crate::limits::Limits;
 use crate::saga::{CannotRetry, Context, SagaStatus, StepStatus};
 use crate::store::{EventRecord, ListCursor, ListFilter, SagaRecord, StoreError};
@@ -41,8 +41,6 @@ const MAX_WAIT: Duration = Duration::from_secs(60);
 pub const MAX_CORRELATION_ID_BYTES: usize = 256;
 /// Longest `idempotency_key`.
 pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 512;
-/// Longest `CancelSaga.reason`: it is stored in the log and shown in the saga.
-pub const MAX_REASON_BYTES: usize = 1024;
 /// Longest `saga_type`, also as a `ListSagas` filter; no definition name comes near it.
 const MAX_SAGA_TYPE_BYTES: usize = 256;
 

@@ -35,9 +35,10 @@ pub struct Config {
     )]
     pub participants: Vec<(String, String)>,
 
-    /// HTTP address: `GET /metrics` (Prometheus text), `/healthz` and `/readyz`. Port 0 picks
-    /// a free one (the log says which). The environment variable SAGAD_METRICS_LISTEN is read
-    /// when SAGAD_HTTP_LISTEN is unset [default: 127.0.0.1:9464]
+    /// HTTP address: the saga explorer at `/` (web pages; with --auth-tokens they ask for a
+    /// token), `GET /metrics` (Prometheus text), `/healthz` and `/readyz`. Port 0 picks a free
+    /// one (the log says which). The environment variable SAGAD_METRICS_LISTEN is read when
+    /// SAGAD_HTTP_LISTEN is unset [default: 127.0.0.1:9464]
     #[arg(long, visible_alias = "metrics-listen", env = "SAGAD_HTTP_LISTEN")]
     pub http_listen: Option<SocketAddr>,
 

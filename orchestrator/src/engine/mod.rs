@@ -39,6 +39,8 @@ pub use participants::{BadParticipantAddress, Participants};
 
 /// The largest saga input accepted, in bytes of JSON.
 pub const MAX_INPUT_BYTES: usize = 256 * 1024;
+/// The longest reason of a cancel or a retry: it is stored in the log and shown with the saga.
+pub const MAX_REASON_BYTES: usize = 1024;
 
 /// Why the engine refused or could not do what was asked.
 #[derive(Debug, thiserror::Error)]

@@ -31,11 +31,10 @@ use futures::Stream;
 use maud::Markup;
 use uuid::Uuid;
 
-use crate::api::MAX_REASON_BYTES;
 use crate::auth::{Authenticator, Role};
-use crate::engine::{Engine, EngineError};
+use crate::engine::{Engine, EngineError, MAX_REASON_BYTES};
 use crate::limits::Limits;
-use crate::saga::SagaStatus;
+use crate::saga::{CannotRetry, SagaStatus};
 use crate::store::{ListCursor, ListFilter, StoreError};
 use session::Visitor;
 
@@ -129,10 +128,12 @@ impl From<EngineError> for PageError {
         match error {
             EngineError::NotFound(_) => Self::NotFound(message),
             EngineError::NotCancellable(_)
-            | EngineError::NotRetryable(_)
+            | EngineError::NotRetryable(CannotRetry::NotFailed(_))
             | EngineError::Contended(_)
             | EngineError::IdempotencyKeyReused { .. } => Self::Conflict(message),
-            EngineError::UnknownSagaType(_)
+            // A step to skip that the saga does not have, or that has nothing to undo.
+            EngineError::NotRetryable(_)
+            | EngineError::UnknownSagaType(_)
             | EngineError::InvalidInput(_)
             | EngineError::Store(StoreError::Rejected(_)) => Self::BadRequest(message),
             EngineError::Store(StoreError::CorruptLog { .. }) | EngineError::CorruptLog { .. } => {
@@ -449,34 +450,30 @@ async fn live(
         .open_watch(&visitor.limited_as)
         .map_err(|status| PageError::TooMany(status.message().to_owned()))?;
     let events = engine.watch(saga_id).await?;
-    let stream = futures::stream::unfold(
-        (events, permit, true),
-        move |(mut events, permit, first)| async move {
+    let appended =
+        futures::stream::unfold((events, permit), move |(mut events, permit)| async move {
             loop {
-                let event = match events.recv().await? {
+                match events.recv().await? {
                     Ok(event) if event.seq <= after => continue,
-                    Ok(event) => event,
-                    // Shutting down, or the log cannot be read: the browser comes back.
+                    Ok(event) => {
+                        let message = SseEvent::default()
+                            .event("appended")
+                            .id(event.seq.to_string())
+                            .data(
+                                serde_json::json!({"seq": event.seq, "type": event.event_type})
+                                    .to_string(),
+                            );
+                        return Some((Ok(message), (events, permit)));
+                    }
+                    // Shutting down, or the log cannot be read: the browser comes back later.
                     Err(_) => return None,
-                };
-                let mut message = SseEvent::default()
-                    .event("appended")
-                    .id(event.seq.to_string())
-                    .data(format!(
-                        "{{\"seq\":{},\"type\":\"{}\"}}",
-                        event.seq, event.event_type
-                    ));
-                if first {
-                    message = message.retry(RECONNECT_AFTER);
                 }
-                return Some((Ok(message), (events, permit, false)));
             }
-        },
-    );
+        });
     let opening = futures::stream::once(async {
         Ok(SseEvent::default().retry(RECONNECT_AFTER).comment("live"))
     });
-    Ok(Sse::new(futures::StreamExt::chain(opening, stream)).keep_alive(KeepAlive::default()))
+    Ok(Sse::new(futures::StreamExt::chain(opening, appended)).keep_alive(KeepAlive::default()))
 }
 
 /// A POST's form, once it is shown to come from one of this explorer's own pages.
