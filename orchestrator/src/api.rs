@@ -367,21 +367,9 @@ fn who_asks<T>(request: &Request<T>) -> String {
     }
 }
 
-/// A text field the store keeps or searches: no NUL character (Postgres refuses it), and no
-/// longer than `max` bytes.
+/// A text field the store keeps or searches ([`document::check_text`]).
 fn check_text(field: &str, value: &str, max: usize) -> Result<(), Status> {
-    if value.contains('\0') {
-        return Err(Status::invalid_argument(format!(
-            "{field} holds a NUL character, which cannot be stored"
-        )));
-    }
-    if value.len() > max {
-        return Err(Status::invalid_argument(format!(
-            "{field} is {} bytes, over the limit of {max}",
-            value.len()
-        )));
-    }
-    Ok(())
+    document::check_text(field, value, max).map_err(Status::invalid_argument)
 }
 
 fn parse_saga_id(text: &str) -> Result<Uuid, Status> {

@@ -290,6 +290,23 @@ fn member(path: &str, key: &str) -> String {
     }
 }
 
+/// A text field the store keeps or searches (an idempotency key, a reason, a search): no NUL
+/// character (Postgres refuses it), and no longer than `max` bytes. The error says which field.
+pub fn check_text(field: &str, value: &str, max: usize) -> Result<(), String> {
+    if value.contains('\0') {
+        return Err(format!(
+            "{field} holds a NUL character, which cannot be stored"
+        ));
+    }
+    if value.len() > max {
+        return Err(format!(
+            "{field} is {} bytes, over the limit of {max}",
+            value.len()
+        ));
+    }
+    Ok(())
+}
+
 /// At most `max` characters of `text`, with `…` when it was cut: for echoing what a client
 /// sent in an error message, however long it was.
 pub fn shorten(text: &str, max: usize) -> String {

@@ -61,6 +61,28 @@ async fn type_into(browser: &Browser, css: &str, text: &str) -> anyhow::Result<(
         .with_context(|| format!("typing into {css}"))
 }
 
+/// A failed browser run, with what the browser showed at the end: its address and text, and a
+/// screenshot `failed-<name>`.
+async fn explained<T>(
+    browser: &Browser,
+    name: &str,
+    outcome: anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let Err(error) = outcome else {
+        return outcome;
+    };
+    let url = browser
+        .client()
+        .current_url()
+        .await
+        .map(|url| url.to_string());
+    let text = browser.text("body").await;
+    let shot = browser.screenshot(&format!("failed-{name}")).await;
+    Err(error.context(format!(
+        "the browser was at {url:?}, showing {text:?} (screenshot: {shot:?})"
+    )))
+}
+
 /// The status each step of the saga's diagram is drawn with.
 async fn diagram(browser: &Browser) -> anyhow::Result<Vec<(String, String)>> {
     let mut steps = Vec::new();
@@ -123,7 +145,7 @@ async fn the_explorer_shows_the_mix_and_follows_a_saga_live() -> anyhow::Result<
     let logs = Scratch::logs("explorer_live_browser")?;
     let outcome = async {
         let browser = Browser::start(&logs).await?;
-        let shown = mix_and_live(&system, &browser).await;
+        let shown = explained(&browser, "live", mix_and_live(&system, &browser).await).await;
         let closed = browser.close().await;
         shown.and(closed)
     }
@@ -412,6 +434,21 @@ fn has_status(status: sagad_proto::v1::SagaStatus) -> impl Fn(&sagad_proto::v1::
     move |saga| saga.status == status as i32
 }
 
+/// A saga of a new customer whose account is frozen, to Antarctica: shipping refuses it, the
+/// refund is refused in turn, and it stops FAILED. Its id and the customer.
+async fn failed_saga(client: &mut Client) -> anyhow::Result<(String, String)> {
+    let customer = format!("frozen-{}", run_id());
+    let saga_id = start_as(client, ADMIN.1, order_input(&customer, "AQ")).await?;
+    wait_as(
+        client,
+        ADMIN.1,
+        &saga_id,
+        has_status(sagad_proto::v1::SagaStatus::Failed),
+    )
+    .await?;
+    Ok((saga_id, customer))
+}
+
 async fn log_in(browser: &Browser, system: &DemoSystem, token: &str) -> anyhow::Result<()> {
     open(browser, system, "/").await?;
     browser.wait_for("form#login", PAGE_WAIT).await?;
@@ -452,15 +489,7 @@ async fn with_tokens_the_explorer_asks_once_and_lets_each_role_do_its_part() -> 
 async fn roles(system: &DemoSystem, logs: &Scratch) -> anyhow::Result<()> {
     let addr = http_addr(system)?;
     let mut client = system.client().await?;
-    let customer = format!("frozen-{}", run_id());
-    let failed = start_as(&mut client, ADMIN.1, order_input(&customer, "AQ")).await?;
-    wait_as(
-        &mut client,
-        ADMIN.1,
-        &failed,
-        has_status(sagad_proto::v1::SagaStatus::Failed),
-    )
-    .await?;
+    let (failed, customer) = failed_saga(&mut client).await?;
 
     // Without a token only the operators' endpoints answer; a page sends the browser to sign in.
     for path in ["/metrics", "/healthz", "/readyz"] {
@@ -490,16 +519,19 @@ async fn roles(system: &DemoSystem, logs: &Scratch) -> anyhow::Result<()> {
 
     let admin = Browser::start(logs).await?;
     let outcome = admin_retries(system, &admin, &failed, &customer).await;
+    let outcome = explained(&admin, "admin", outcome).await;
     let outcome = outcome.and(admin.close().await);
     outcome?;
 
     let operator = Browser::start(logs).await?;
     let outcome = operator_cancels(system, &operator).await;
+    let outcome = explained(&operator, "operator", outcome).await;
     let outcome = outcome.and(operator.close().await);
     outcome?;
 
     let reader = Browser::start(logs).await?;
     let outcome = reader_sees_no_action(system, &reader).await;
+    let outcome = explained(&reader, "reader", outcome).await;
     outcome.and(reader.close().await)
 }
 
@@ -704,15 +736,7 @@ async fn operator_cancels(system: &DemoSystem, browser: &Browser) -> anyhow::Res
 async fn reader_sees_no_action(system: &DemoSystem, browser: &Browser) -> anyhow::Result<()> {
     let addr = http_addr(system)?;
     let mut client = system.client().await?;
-    let customer = format!("frozen-{}", run_id());
-    let saga_id = start_as(&mut client, ADMIN.1, order_input(&customer, "AQ")).await?;
-    wait_as(
-        &mut client,
-        ADMIN.1,
-        &saga_id,
-        has_status(sagad_proto::v1::SagaStatus::Failed),
-    )
-    .await?;
+    let (saga_id, _) = failed_saga(&mut client).await?;
 
     log_in(browser, system, READER.1).await?;
     open(browser, system, &format!("/sagas/{saga_id}")).await?;

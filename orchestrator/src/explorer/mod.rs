@@ -213,20 +213,9 @@ fn query_value(text: &str) -> String {
     form_urlencoded::byte_serialize(text.as_bytes()).collect()
 }
 
-/// A text a visitor typed: no NUL character (the store refuses it), and not too long.
+/// A text a visitor typed ([`crate::document::check_text`]).
 fn checked_text(field: &str, value: &str, max: usize) -> Result<(), PageError> {
-    if value.contains('\0') {
-        return Err(PageError::BadRequest(format!(
-            "{field} holds a NUL character, which cannot be stored"
-        )));
-    }
-    if value.len() > max {
-        return Err(PageError::BadRequest(format!(
-            "{field} is {} bytes, over the limit of {max}",
-            value.len()
-        )));
-    }
-    Ok(())
+    crate::document::check_text(field, value, max).map_err(PageError::BadRequest)
 }
 
 fn parse_saga_id(text: &str) -> Result<Uuid, PageError> {
@@ -506,6 +495,40 @@ fn reason_of(form: &[(String, String)]) -> Result<String, PageError> {
     Ok(reason.to_owned())
 }
 
+/// What a cancel or a retry needs, once its POST is shown to be the visitor's own and the
+/// visitor's role allows it.
+struct Action {
+    engine: Engine,
+    saga_id: Uuid,
+    reason: String,
+    form: Vec<(String, String)>,
+}
+
+impl Action {
+    fn checked(
+        explorer: &Explorer,
+        visitor: &Visitor,
+        (id, headers, body): (&str, &HeaderMap, &Bytes),
+        needed: Role,
+        what: &str,
+    ) -> Result<Self, PageError> {
+        let form = checked_form(visitor, headers, body)?;
+        visitor.require(needed, what)?;
+        let reason = reason_of(&form)?;
+        Ok(Self {
+            engine: explorer.engine()?,
+            saga_id: parse_saga_id(id)?,
+            reason,
+            form,
+        })
+    }
+
+    /// Back to the saga's page, which shows what the action did.
+    fn done(&self) -> Response {
+        Redirect::to(&format!("/sagas/{}", self.saga_id)).into_response()
+    }
+}
+
 async fn cancel(
     State(explorer): State<Explorer>,
     visitor: Visitor,
@@ -513,14 +536,18 @@ async fn cancel(
     headers: HeaderMap,
     body: Bytes,
 ) -> PageResult {
-    let form = checked_form(&visitor, &headers, &body)?;
-    visitor.require(Role::Operator, "cancel a saga")?;
-    let engine = explorer.engine()?;
-    let saga_id = parse_saga_id(&id)?;
-    let reason = reason_of(&form)?;
-    engine.cancel_saga(saga_id, &reason, &visitor.who).await?;
-    tracing::info!(%saga_id, requested_by = %visitor.who, "saga cancelled from the explorer");
-    Ok(Redirect::to(&format!("/sagas/{saga_id}")).into_response())
+    let action = Action::checked(
+        &explorer,
+        &visitor,
+        (&id, &headers, &body),
+        Role::Operator,
+        "cancel a saga",
+    )?;
+    action
+        .engine
+        .cancel_saga(action.saga_id, &action.reason, &visitor.who)
+        .await?;
+    Ok(action.done())
 }
 
 async fn retry(
@@ -530,12 +557,15 @@ async fn retry(
     headers: HeaderMap,
     body: Bytes,
 ) -> PageResult {
-    let form = checked_form(&visitor, &headers, &body)?;
-    visitor.require(Role::Admin, "retry a saga")?;
-    let engine = explorer.engine()?;
-    let saga_id = parse_saga_id(&id)?;
-    let reason = reason_of(&form)?;
-    let skip: Vec<String> = form
+    let action = Action::checked(
+        &explorer,
+        &visitor,
+        (&id, &headers, &body),
+        Role::Admin,
+        "retry a saga",
+    )?;
+    let skip: Vec<String> = action
+        .form
         .iter()
         .filter(|(name, value)| name == "skip" && !value.is_empty())
         .map(|(_, value)| value.clone())
@@ -543,10 +573,11 @@ async fn retry(
     for step in &skip {
         checked_text("skip", step, MAX_REASON_BYTES)?;
     }
-    engine
-        .retry_saga(saga_id, &reason, &visitor.who, &skip)
+    action
+        .engine
+        .retry_saga(action.saga_id, &action.reason, &visitor.who, &skip)
         .await?;
-    Ok(Redirect::to(&format!("/sagas/{saga_id}")).into_response())
+    Ok(action.done())
 }
 
 async fn definitions(State(explorer): State<Explorer>, visitor: Visitor) -> PageResult {

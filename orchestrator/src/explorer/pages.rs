@@ -174,9 +174,17 @@ fn current_step(record: &SagaRecord) -> Option<&StepView> {
         })
 }
 
-fn saga_link(record: &SagaRecord) -> Markup {
+/// The cells a saga's row starts with, in the overview and the list: its link, type, status
+/// and the step it is at.
+fn saga_cells(record: &SagaRecord, stuck_cutoff: DateTime<Utc>) -> Markup {
     html! {
-        a.saga-link href={ "/sagas/" (record.saga_id) } { code { (record.saga_id) } }
+        td { a.saga-link href={ "/sagas/" (record.saga_id) } { code { (record.saga_id) } } }
+        td.saga-type { (record.projection.saga_type) }
+        td {
+            (status_badge(record.projection.status))
+            @if is_stuck(record, stuck_cutoff) { " " span.badge.stuck { "stuck" } }
+        }
+        td.step { (current_step(record).map_or("", |step| step.name.as_str())) }
     }
 }
 
@@ -262,13 +270,7 @@ pub(super) fn overview(page: &OverviewPage<'_>) -> Markup {
                         @for record in page.attention {
                             @let since = record.projection.failing_since.unwrap_or(record.updated_at);
                             tr data-saga-id=(record.saga_id) {
-                                td { (saga_link(record)) }
-                                td.saga-type { (record.projection.saga_type) }
-                                td {
-                                    (status_badge(record.projection.status))
-                                    @if is_stuck(record, page.stuck_cutoff) { " " span.badge.stuck { "stuck" } }
-                                }
-                                td.step { (current_step(record).map_or("", |step| step.name.as_str())) }
+                                (saga_cells(record, page.stuck_cutoff))
                                 td { (span(page.now - since)) }
                                 td.why {
                                     (record.projection.failure_reason.as_deref()
@@ -336,13 +338,7 @@ pub(super) fn list(page: &ListPage<'_>) -> Markup {
                 tbody {
                     @for record in page.sagas {
                         tr data-saga-id=(record.saga_id) data-status=(record.projection.status.as_str()) {
-                            td { (saga_link(record)) }
-                            td.saga-type { (record.projection.saga_type) }
-                            td {
-                                (status_badge(record.projection.status))
-                                @if is_stuck(record, page.stuck_cutoff) { " " span.badge.stuck { "stuck" } }
-                            }
-                            td.step { (current_step(record).map_or("", |step| step.name.as_str())) }
+                            (saga_cells(record, page.stuck_cutoff))
                             td.age { (span(page.now - record.created_at)) }
                             td.updated { (time(record.updated_at)) }
                         }
