@@ -18,7 +18,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
-use fantoccini::Locator;
 use sagad_e2e::browser::Browser;
 use sagad_e2e::demo::{DemoOptions, DemoSystem, Pace, check_the_run, mix, start_sagas};
 use sagad_e2e::http::{Reply, request};
@@ -43,22 +42,36 @@ async fn open(browser: &Browser, system: &DemoSystem, path: &str) -> anyhow::Res
         .with_context(|| format!("opening {url}"))
 }
 
+/// Clicks the first element matching `css` once there is one. A live update may replace the
+/// element between finding and clicking it: then it is found again.
 async fn click(browser: &Browser, css: &str) -> anyhow::Result<()> {
-    browser
-        .wait_for(css, PAGE_WAIT)
-        .await?
-        .click()
-        .await
-        .with_context(|| format!("clicking {css}"))
+    let until = tokio::time::Instant::now() + PAGE_WAIT;
+    loop {
+        match browser.wait_for(css, PAGE_WAIT).await?.click().await {
+            Ok(_) => return Ok(()),
+            Err(error)
+                if error.is_stale_element_reference() && tokio::time::Instant::now() < until => {}
+            Err(error) => return Err(error).with_context(|| format!("clicking {css}")),
+        }
+    }
 }
 
+/// Types into the first element matching `css`, found again if a live update replaced it.
 async fn type_into(browser: &Browser, css: &str, text: &str) -> anyhow::Result<()> {
-    browser
-        .wait_for(css, PAGE_WAIT)
-        .await?
-        .send_keys(text)
-        .await
-        .with_context(|| format!("typing into {css}"))
+    let until = tokio::time::Instant::now() + PAGE_WAIT;
+    loop {
+        match browser
+            .wait_for(css, PAGE_WAIT)
+            .await?
+            .send_keys(text)
+            .await
+        {
+            Ok(()) => return Ok(()),
+            Err(error)
+                if error.is_stale_element_reference() && tokio::time::Instant::now() < until => {}
+            Err(error) => return Err(error).with_context(|| format!("typing into {css}")),
+        }
+    }
 }
 
 /// A failed browser run, with what the browser showed at the end: its address and text, and a
@@ -83,20 +96,17 @@ async fn explained<T>(
     )))
 }
 
-/// The status each step of the saga's diagram is drawn with.
+/// The status each step of the saga's diagram is drawn with, read in one script so that a
+/// live update cannot replace the diagram halfway through.
 async fn diagram(browser: &Browser) -> anyhow::Result<Vec<(String, String)>> {
-    let mut steps = Vec::new();
-    for step in browser
-        .client()
-        .find_all(Locator::Css("#saga-live svg.steps-diagram g.step"))
-        .await?
-    {
-        steps.push((
-            step.attr("data-step").await?.unwrap_or_default(),
-            step.attr("data-status").await?.unwrap_or_default(),
-        ));
-    }
-    Ok(steps)
+    let steps = browser
+        .eval(
+            "return Array.from(document.querySelectorAll('#saga-live svg.steps-diagram g.step'))\
+               .map(step => [step.dataset.step, step.dataset.status]);",
+            vec![],
+        )
+        .await?;
+    serde_json::from_value(steps).context("the diagram's steps")
 }
 
 fn drawn(steps: &[(&str, &str)]) -> Vec<(String, String)> {
