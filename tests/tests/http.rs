@@ -1,6 +1,7 @@
 //! sagad's HTTP side and its logs, on the real binary: every metric described from the first
 //! scrape and moving as sagas run (histograms, linted by promtool), `/healthz` and `/readyz`
-//! through a database outage, 404 elsewhere, the address flags and variables, and JSON logs.
+//! (and the explorer's 503) through a database outage, 404 elsewhere, the address flags and
+//! variables, and JSON logs.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -447,7 +448,7 @@ async fn readiness_follows_the_database_health_the_process_and_other_paths_are_4
             ("/healthz", 200),
             ("/readyz", 200),
             ("/metrics", 200),
-            ("/", 404),
+            ("/", 200),
             ("/nothing/here", 404),
         ] {
             let (status, body) = metrics::get(sagad.http_addr, path).await?;
@@ -462,8 +463,8 @@ async fn readiness_follows_the_database_health_the_process_and_other_paths_are_4
         }
         let (_, root) = metrics::get(sagad.http_addr, "/").await?;
         ensure!(
-            !root.contains("# TYPE"),
-            "/ answers with the metrics page: {root}"
+            !root.contains("# TYPE") && root.contains(r#"id="counts""#),
+            "/ answers with something else than the explorer's overview: {root}"
         );
 
         cluster.stop().await?;
@@ -477,6 +478,12 @@ async fn readiness_follows_the_database_health_the_process_and_other_paths_are_4
         metrics::scrape(sagad.http_addr)
             .await
             .context("the metrics page while the database is down")?;
+        // The explorer needs the database: it says so, and does not hang.
+        let (explorer, page) = metrics::get(sagad.http_addr, "/sagas").await?;
+        ensure!(
+            explorer == 503,
+            "the explorer answered {explorer} while the database was down: {page}"
+        );
 
         cluster.start_again().await?;
         let ready = wait_status(&sagad, "/readyz", "200", |status| status == 200).await?;
