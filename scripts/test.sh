@@ -23,7 +23,11 @@ DATABASE_URL=postgres://postgres:postgres@127.0.0.1:5432/sagad_sqlx_check \
   cargo sqlx prepare --workspace --check
 # The end-to-end tests run the binaries, so build them first.
 cargo build --workspace --bins --locked
-cargo test --workspace --locked
+# The explorer's render times over 10,000 sagas are printed, never judged: that test runs on its
+# own with its output shown.
+cargo test --workspace --locked -- --skip pages_over_ten_thousand_sagas_print_their_render_times
+cargo test -p sagad-e2e --locked --test explorer pages_over_ten_thousand_sagas_print_their_render_times \
+  -- --nocapture
 # The benchmark's harness at a small size, on the debug build: it must work; its figures are
 # printed, never judged.
 BENCH_PROFILE=debug bench/run.sh --small --json target/bench/ci.json

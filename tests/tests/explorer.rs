@@ -134,6 +134,19 @@ async fn still_marked(browser: &Browser) -> anyhow::Result<bool> {
         == json!(true))
 }
 
+/// Waits until the browser shows another page than the one [`mark_page`] marked.
+async fn wait_for_new_page(browser: &Browser) -> anyhow::Result<()> {
+    let until = tokio::time::Instant::now() + PAGE_WAIT;
+    // While the page changes a script may fail to run: then it is asked again.
+    while still_marked(browser).await.unwrap_or(true) {
+        if tokio::time::Instant::now() > until {
+            bail!("the form's answer did not replace the page within {PAGE_WAIT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
 fn order_input(customer_id: &str, country: &str) -> Value {
     json!({
         "customer_id": customer_id,
@@ -650,7 +663,11 @@ async fn admin_retries(
     let retried = async {
         click(browser, "#retry-open").await?;
         type_into(browser, "#retry-reason", "account unfrozen, ticket 17").await?;
+        // The form's answer is the saga's page again: a new page, which the old one (whose
+        // live update may show the retry first) must not be taken for.
+        mark_page(browser).await?;
         click(browser, "#retry-confirm").await?;
+        wait_for_new_page(browser).await?;
         browser
             .wait_for_text("#status", "COMPENSATING", PAGE_WAIT)
             .await?;
