@@ -17,13 +17,13 @@ pub(super) struct DiagramStep<'a> {
     pub(super) status: Option<StepStatus>,
 }
 
-const BOX_WIDTH: i64 = 180;
+const BOX_WIDTH: i64 = 200;
 const BOX_HEIGHT: i64 = 66;
 const GAP: i64 = 46;
 const MARGIN: i64 = 12;
 const TOP: i64 = 12;
 /// The most characters of a name a box shows; the whole name is in its tooltip.
-const LABEL_CHARS: usize = 24;
+const LABEL_CHARS: usize = 28;
 
 fn label(text: &str) -> String {
     crate::document::shorten(text, LABEL_CHARS)

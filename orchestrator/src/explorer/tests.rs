@@ -261,8 +261,8 @@ fn the_diagram_draws_every_step_and_the_way_back_only_when_the_saga_went_back() 
         Some(SagaStatus::Compensated),
     );
     assert!(compensated.contains("compensation-path"));
-    // From the third step (x = 12 + 2 * 226 + 90) back to the first.
-    assert!(compensated.contains(r#"d="M554,78"#), "{compensated}");
+    // From the third step (x = 12 + 2 * 246 + 100) back to the first.
+    assert!(compensated.contains(r#"d="M604,78"#), "{compensated}");
     let failed = drawn(
         &[
             Some(Succeeded),
@@ -272,8 +272,8 @@ fn the_diagram_draws_every_step_and_the_way_back_only_when_the_saga_went_back() 
         ],
         Some(SagaStatus::Failed),
     );
-    // The path stops at the step whose compensation stopped it (x = 12 + 226 + 90 - 12).
-    assert!(failed.contains(" L316,82\""), "{failed}");
+    // The path stops at the step whose compensation stopped it (x = 12 + 246 + 100 - 12).
+    assert!(failed.contains(" L346,82\""), "{failed}");
     let definition = drawn(&[None, None], None);
     assert!(
         definition.contains(r#"data-status="none""#) && !definition.contains("compensation-path")
