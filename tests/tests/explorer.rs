@@ -161,9 +161,30 @@ fn run_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..8].to_owned()
 }
 
+/// The repository's demo definition, with the shipment retried 6 s after a failed attempt: long
+/// enough to watch the countdown to the next attempt.
+fn slow_shipment_retries() -> anyhow::Result<Scratch> {
+    let path = repo_root().join("saga-defs/order_fulfillment.toml");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let step = "action = \"ScheduleShipment\"\n";
+    let slow = text.replace(
+        step,
+        &format!(
+            "{step}retry = {{ max_attempts = 6, initial_delay = \"6s\", multiplier = 1.0, \
+             max_delay = \"6s\", jitter = 0.0 }}\n"
+        ),
+    );
+    ensure!(
+        slow != text,
+        "order_fulfillment.toml no longer has {step:?}: update this test"
+    );
+    Scratch::defs(&[("order_fulfillment.toml", &slow)])
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_explorer_shows_the_mix_and_follows_a_saga_live() -> anyhow::Result<()> {
-    let defs = repo_root().join("saga-defs");
+    let defs = slow_shipment_retries()?;
     let system = DemoSystem::start("explorer_live", &defs, DemoOptions::default()).await?;
     let logs = Scratch::logs("explorer_live_browser")?;
     let outcome = async {
@@ -314,6 +335,26 @@ async fn follow_a_saga_live(system: &DemoSystem, browser: &Browser) -> anyhow::R
                 PAGE_WAIT,
             )
             .await?;
+        // The next attempt is 6 s away, counted down on the page each second.
+        let countdown =
+            r#"#steps tr[data-step="schedule_shipment"] td.next-attempt time[data-due]"#;
+        browser.wait_for(countdown, PAGE_WAIT).await?;
+        let read = "const at = document.querySelector(arguments[0]); \
+                    return at ? at.textContent : null;";
+        let first = browser.eval(read, vec![json!(countdown)]).await?;
+        let until = tokio::time::Instant::now() + PAGE_WAIT;
+        let later = loop {
+            let now = browser.eval(read, vec![json!(countdown)]).await?;
+            if now != first || tokio::time::Instant::now() > until {
+                break now;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let counting = |text: &Value| text.as_str().is_some_and(|text| text.starts_with("in "));
+        ensure!(
+            counting(&first) && counting(&later) && first != later,
+            "the countdown to the next attempt read {first}, then {later}"
+        );
         browser.screenshot("saga-running").await
     }
     .await;
