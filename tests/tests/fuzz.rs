@@ -446,7 +446,7 @@ impl Tally {
         };
         // With tokens on, a request with no or an unknown token is refused before its message
         // is read; one whose token lacks the role is refused once it is read (a message that
-        // cannot be decoded is refused as such first).
+        // is over the size limit, or cannot be decoded, is refused as such first).
         let needs_operator = matches!(
             sent.rpc,
             Rpc::StartSaga | Rpc::CancelSaga | Rpc::Raw("StartSaga" | "CancelSaga")
@@ -467,6 +467,7 @@ impl Tally {
                             && status
                                 .message()
                                 .starts_with("the message is not valid protobuf"))
+                        || (want == Code::PermissionDenied && status.code() == Code::OutOfRange)
                 }
             };
             if !right {
