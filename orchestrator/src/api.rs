@@ -265,7 +265,7 @@ impl SagaOrchestrator for Api {
             last = Some(record);
         }
         let next_page_token = match last {
-            Some(last) if sagas.len() < records.len() => page_token(last.created_at, last.saga_id),
+            Some(last) if sagas.len() < records.len() => ListCursor::after(last).token(),
             _ => String::new(),
         };
         Ok(Response::new(pb::ListSagasResponse {
@@ -381,28 +381,13 @@ fn parse_saga_id(text: &str) -> Result<Uuid, Status> {
     })
 }
 
-fn page_token(created_at: DateTime<Utc>, saga_id: Uuid) -> String {
-    format!("{}.{}", created_at.timestamp_micros(), saga_id.simple())
-}
-
-/// A token this server made: the creation time of the page's last saga, in microseconds since
-/// 1970, and its id. The time must be one Postgres can compare (years 1970 to 9999).
+/// A page token this server made ([`ListCursor::token`]).
 fn parse_page_token(token: &str) -> Result<ListCursor, Status> {
-    const LATEST_MICROS: i64 = 253_402_300_799_999_999;
-    let invalid = || {
+    ListCursor::from_token(token).ok_or_else(|| {
         Status::invalid_argument(format!(
             "page_token {:?} is not a token this server gave",
             shorten(token, 64)
         ))
-    };
-    let (micros, saga_id) = token.split_once('.').ok_or_else(invalid)?;
-    let micros: i64 = micros.parse().map_err(|_| invalid())?;
-    if !(0..=LATEST_MICROS).contains(&micros) {
-        return Err(invalid());
-    }
-    Ok(ListCursor {
-        created_at: DateTime::from_timestamp_micros(micros).ok_or_else(invalid)?,
-        saga_id: Uuid::parse_str(saga_id).map_err(|_| invalid())?,
     })
 }
 

@@ -73,6 +73,25 @@ pub fn to_json(value: &Option<pbjson_types::Struct>) -> Value {
         .unwrap_or(Value::Null)
 }
 
+/// A `[[token]]` entry of a `--auth-tokens` file: the token's name, role and SHA-256.
+pub fn token_entry(name: &str, role: &str, token: &str) -> String {
+    format!(
+        "[[token]]\nname = \"{name}\"\nrole = \"{role}\"\nsha256 = \"{}\"\n",
+        sagad::auth::token_hash(token)
+    )
+}
+
+/// A request carrying `authorization: Bearer <token>`, or no token.
+pub fn with_token<T>(message: T, token: Option<&str>) -> anyhow::Result<tonic::Request<T>> {
+    let mut request = tonic::Request::new(message);
+    if let Some(token) = token {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse()?);
+    }
+    Ok(request)
+}
+
 /// Starts a saga and returns its id.
 pub async fn start_saga(
     client: &mut Client,

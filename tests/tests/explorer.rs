@@ -438,10 +438,7 @@ impl Tokens {
         let mut text = String::new();
         for ((name, token), role) in [(READER, "reader"), (OPERATOR, "operator"), (ADMIN, "admin")]
         {
-            text.push_str(&format!(
-                "[[token]]\nname = \"{name}\"\nrole = \"{role}\"\nsha256 = \"{}\"\n",
-                sagad::auth::token_hash(token)
-            ));
+            text.push_str(&token_entry(name, role, token));
         }
         Ok(Self {
             file: Scratch::with_files("explorer_tokens", &[("tokens.toml", &text)])?,
@@ -455,15 +452,15 @@ impl Tokens {
 
 /// StartSaga with a token.
 async fn start_as(client: &mut Client, token: &str, input: Value) -> anyhow::Result<String> {
-    let mut request = tonic::Request::new(StartSagaRequest {
-        saga_type: "order_fulfillment".to_owned(),
-        idempotency_key: String::new(),
-        input: Some(to_struct(input)),
-        correlation_id: String::new(),
-    });
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse()?);
+    let request = with_token(
+        StartSagaRequest {
+            saga_type: "order_fulfillment".to_owned(),
+            idempotency_key: String::new(),
+            input: Some(to_struct(input)),
+            correlation_id: String::new(),
+        },
+        Some(token),
+    )?;
     Ok(client.start_saga(request).await?.into_inner().saga_id)
 }
 
@@ -476,13 +473,13 @@ async fn wait_as(
 ) -> anyhow::Result<sagad_proto::v1::Saga> {
     let until = tokio::time::Instant::now() + PAGE_WAIT;
     loop {
-        let mut request = tonic::Request::new(GetSagaRequest {
-            saga_id: saga_id.to_owned(),
-            ..GetSagaRequest::default()
-        });
-        request
-            .metadata_mut()
-            .insert("authorization", format!("Bearer {token}").parse()?);
+        let request = with_token(
+            GetSagaRequest {
+                saga_id: saga_id.to_owned(),
+                ..GetSagaRequest::default()
+            },
+            Some(token),
+        )?;
         let saga = client.get_saga(request).await?.into_inner();
         if done(&saga) {
             return Ok(saga);

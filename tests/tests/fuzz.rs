@@ -63,12 +63,8 @@ async fn fuzzed_requests_with_tokens_and_limits_never_break_sagad() -> anyhow::R
         "fuzz-tokens",
         &[(
             "tokens.toml",
-            &format!(
-                "[[token]]\nname = \"fuzzer\"\nrole = \"operator\"\nsha256 = \"{}\"\n\n\
-                 [[token]]\nname = \"peeker\"\nrole = \"reader\"\nsha256 = \"{}\"\n",
-                sagad::auth::token_hash(OPERATOR_TOKEN),
-                sagad::auth::token_hash(READER_TOKEN)
-            ),
+            &(sagad_e2e::token_entry("fuzzer", "operator", OPERATOR_TOKEN)
+                + &sagad_e2e::token_entry("peeker", "reader", READER_TOKEN)),
         )],
     )?;
     let args = vec![

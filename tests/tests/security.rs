@@ -310,24 +310,6 @@ impl OneStep {
     }
 }
 
-/// A `[[token]]` entry.
-fn token_entry(name: &str, role: &str, token: &str) -> String {
-    format!(
-        "[[token]]\nname = \"{name}\"\nrole = \"{role}\"\nsha256 = \"{}\"\n",
-        sagad::auth::token_hash(token)
-    )
-}
-
-fn with_token<T>(message: T, token: Option<&str>) -> anyhow::Result<tonic::Request<T>> {
-    let mut request = tonic::Request::new(message);
-    if let Some(token) = token {
-        request
-            .metadata_mut()
-            .insert("authorization", format!("Bearer {token}").parse()?);
-    }
-    Ok(request)
-}
-
 /// The code each RPC answers with `token`; `saga_id` is a saga that exists.
 async fn codes(
     client: &mut Client,

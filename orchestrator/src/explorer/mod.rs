@@ -236,11 +236,7 @@ async fn overview(State(explorer): State<Explorer>, visitor: Visitor) -> PageRes
         engine.overview(since),
         engine.needing_attention(ATTENTION_SIZE)
     )?;
-    let types: Vec<String> = engine
-        .definitions()
-        .saga_types()
-        .map(str::to_owned)
-        .collect();
+    let types = saga_types(&engine);
     let markup = pages::overview(&pages::OverviewPage {
         visitor: &visitor,
         types: &types,
@@ -324,26 +320,19 @@ impl ListQuery {
     }
 }
 
-/// Where a page of the list ends: the last saga's creation time (microseconds) and id.
-fn cursor_text(cursor: ListCursor) -> String {
-    format!(
-        "{}.{}",
-        cursor.created_at.timestamp_micros(),
-        cursor.saga_id.simple()
-    )
+fn parse_cursor(text: &str) -> Result<ListCursor, PageError> {
+    ListCursor::from_token(text).ok_or_else(|| {
+        PageError::BadRequest(format!("{:?} is not a page of this list", shorten(text)))
+    })
 }
 
-fn parse_cursor(text: &str) -> Result<ListCursor, PageError> {
-    let invalid =
-        || PageError::BadRequest(format!("{:?} is not a page of this list", shorten(text)));
-    let (micros, saga_id) = text.split_once('.').ok_or_else(invalid)?;
-    let micros: i64 = micros.parse().map_err(|_| invalid())?;
-    Ok(ListCursor {
-        created_at: chrono::DateTime::from_timestamp_micros(micros)
-            .filter(|time| time.timestamp() >= 0 && time.timestamp() < 253_402_300_800)
-            .ok_or_else(invalid)?,
-        saga_id: Uuid::parse_str(saga_id).map_err(|_| invalid())?,
-    })
+/// The saga types this replica has definitions of, for the pages' filters and counts.
+fn saga_types(engine: &Engine) -> Vec<String> {
+    engine
+        .definitions()
+        .saga_types()
+        .map(str::to_owned)
+        .collect()
 }
 
 async fn list(
@@ -366,17 +355,11 @@ async fn list(
     let mut sagas = engine.list_sagas(&filter).await?;
     let more = sagas.len() > PAGE_SIZE as usize;
     sagas.truncate(PAGE_SIZE as usize);
-    let next = more.then(|| sagas.last()).flatten().map(|last| {
-        query.href(Some(&cursor_text(ListCursor {
-            created_at: last.created_at,
-            saga_id: last.saga_id,
-        })))
-    });
-    let types: Vec<String> = engine
-        .definitions()
-        .saga_types()
-        .map(str::to_owned)
-        .collect();
+    let next = more
+        .then(|| sagas.last())
+        .flatten()
+        .map(|last| query.href(Some(&ListCursor::after(last).token())));
+    let types = saga_types(&engine);
     let markup = pages::list(&pages::ListPage {
         visitor: &visitor,
         query: &query,
@@ -466,20 +449,13 @@ async fn live(
 }
 
 /// A POST's form, once it is shown to come from one of this explorer's own pages.
-fn checked_form(
-    visitor: &Visitor,
-    headers: &HeaderMap,
-    body: &Bytes,
-) -> Result<Vec<(String, String)>, PageError> {
+fn checked_form(headers: &HeaderMap, body: &Bytes) -> Result<Vec<(String, String)>, PageError> {
     let form = pairs(body);
-    let presented = form
-        .iter()
-        .find(|(name, _)| name == "csrf")
-        .map(|(_, value)| value.as_str());
-    visitor.check_same_origin_post(headers, presented)?;
+    session::check_post(headers, form_value(&form, "csrf"))?;
     Ok(form)
 }
 
+/// The value of a form's or a query's field, trimmed; empty when it has none.
 fn form_value<'f>(form: &'f [(String, String)], name: &str) -> &'f str {
     form.iter()
         .find(|(field, _)| field == name)
@@ -512,7 +488,7 @@ impl Action {
         needed: Role,
         what: &str,
     ) -> Result<Self, PageError> {
-        let form = checked_form(visitor, headers, body)?;
+        let form = checked_form(headers, body)?;
         visitor.require(needed, what)?;
         let reason = reason_of(&form)?;
         Ok(Self {

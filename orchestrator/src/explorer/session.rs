@@ -12,7 +12,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use subtle::ConstantTimeEq as _;
 
-use super::{Explorer, PageError, html, no_store, pages, pairs};
+use super::{Explorer, PageError, form_value, html, no_store, pages, pairs};
 use crate::auth::{Authenticator, Role};
 
 const TOKEN_COOKIE: &str = "sagad_token";
@@ -39,10 +39,7 @@ impl FromRequestParts<Explorer> for Visitor {
     type Rejection = PageError;
 
     async fn from_request_parts(parts: &mut Parts, explorer: &Explorer) -> Result<Self, PageError> {
-        let (csrf, new_csrf) = match cookie(&parts.headers, CSRF_COOKIE).filter(|v| is_csrf(v)) {
-            Some(csrf) => (csrf.to_owned(), false),
-            None => (fresh_csrf()?, true),
-        };
+        let (csrf, new_csrf) = csrf_of(&parts.headers)?;
         if !explorer.auth.is_on() {
             let peer = parts
                 .extensions
@@ -88,7 +85,7 @@ impl FromRequestParts<Explorer> for Visitor {
 impl Visitor {
     /// Whether the visitor may `what`, which needs `needed`.
     pub(crate) fn require(&self, needed: Role, what: &str) -> Result<(), PageError> {
-        if self.role >= needed {
+        if self.may(needed) {
             return Ok(());
         }
         Err(PageError::Forbidden(format!(
@@ -101,27 +98,6 @@ impl Visitor {
 
     pub(crate) fn may(&self, needed: Role) -> bool {
         self.role >= needed
-    }
-
-    /// A POST from this origin's own page: the browser says it comes from this origin (or
-    /// says nothing), and its form carries this visitor's csrf value.
-    pub(crate) fn check_same_origin_post(
-        &self,
-        headers: &HeaderMap,
-        presented: Option<&str>,
-    ) -> Result<(), PageError> {
-        same_origin(headers)?;
-        let matches = presented.is_some_and(|presented| {
-            !self.new_csrf && bool::from(presented.as_bytes().ct_eq(self.csrf.as_bytes()))
-        });
-        if !matches {
-            return Err(PageError::Forbidden(
-                "this form did not come from this explorer's page (or the page is stale): \
-                 open the page again"
-                    .to_owned(),
-            ));
-        }
-        Ok(())
     }
 
     /// Sets the csrf cookie when the visitor had none.
@@ -189,6 +165,14 @@ fn fresh_csrf() -> Result<String, PageError> {
     Ok(hex::encode(bytes))
 }
 
+/// The csrf value of the visitor's cookie, or a fresh one (`true`) for a visitor without.
+fn csrf_of(headers: &HeaderMap) -> Result<(String, bool), PageError> {
+    match cookie(headers, CSRF_COOKIE).filter(|value| is_csrf(value)) {
+        Some(csrf) => Ok((csrf.to_owned(), false)),
+        None => Ok((fresh_csrf()?, true)),
+    }
+}
+
 fn csrf_cookie(value: &str) -> String {
     format!("{CSRF_COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict")
 }
@@ -208,11 +192,10 @@ fn cookie_safe(token: &str) -> bool {
 
 /// Where to go after signing in: a path of this site, else the overview.
 pub(crate) fn next_target(query: Option<&str>) -> String {
-    pairs(query.unwrap_or_default().as_bytes())
-        .into_iter()
-        .find(|(name, _)| name == "next")
-        .map(|(_, next)| local_path(&next))
-        .unwrap_or_else(|| "/".to_owned())
+    local_path(form_value(
+        &pairs(query.unwrap_or_default().as_bytes()),
+        "next",
+    ))
 }
 
 fn local_path(target: &str) -> String {
@@ -234,12 +217,9 @@ pub(crate) fn login_form(
     if !auth.is_on() {
         return Redirect::to(next).into_response();
     }
-    let (csrf, new_csrf) = match cookie(headers, CSRF_COOKIE).filter(|v| is_csrf(v)) {
-        Some(csrf) => (csrf.to_owned(), false),
-        None => match fresh_csrf() {
-            Ok(csrf) => (csrf, true),
-            Err(error) => return error.into_response(),
-        },
+    let (csrf, new_csrf) = match csrf_of(headers) {
+        Ok(csrf) => csrf,
+        Err(error) => return error.into_response(),
     };
     let mut response = (status, html(pages::login(next, &csrf, error))).into_response();
     no_store(response.headers_mut());
@@ -255,16 +235,11 @@ pub(crate) fn log_in(
     headers: &HeaderMap,
     form: &[(String, String)],
 ) -> Response {
-    let field = |name: &str| {
-        form.iter()
-            .find(|(field, _)| field == name)
-            .map_or("", |(_, value)| value.as_str())
-    };
-    let next = local_path(field("next"));
-    if let Err(error) = check_login_post(headers, field("csrf")) {
+    let next = local_path(form_value(form, "next"));
+    if let Err(error) = check_post(headers, form_value(form, "csrf")) {
         return error.into_response();
     }
-    let token = field("token").trim();
+    let token = form_value(form, "token");
     if !auth.is_on() {
         return Redirect::to(&next).into_response();
     }
@@ -299,11 +274,7 @@ pub(crate) fn log_in(
 
 /// Forgets the token the cookie keeps.
 pub(crate) fn log_out(headers: &HeaderMap, form: &[(String, String)]) -> Response {
-    let presented = form
-        .iter()
-        .find(|(name, _)| name == "csrf")
-        .map_or("", |(_, value)| value.as_str());
-    if let Err(error) = check_login_post(headers, presented) {
+    if let Err(error) = check_post(headers, form_value(form, "csrf")) {
         return error.into_response();
     }
     let mut response = Redirect::to("/login").into_response();
@@ -314,8 +285,10 @@ pub(crate) fn log_out(headers: &HeaderMap, form: &[(String, String)]) -> Respons
     response
 }
 
-/// A login or logout form: from this origin, carrying the csrf cookie's value.
-fn check_login_post(headers: &HeaderMap, presented: &str) -> Result<(), PageError> {
+/// A POST from one of this explorer's own pages: the browser says it comes from this origin
+/// (or says nothing), and its form carries the value of the csrf cookie the browser already
+/// had, which a page of another site can neither read nor set.
+pub(crate) fn check_post(headers: &HeaderMap, presented: &str) -> Result<(), PageError> {
     same_origin(headers)?;
     let expected = cookie(headers, CSRF_COOKIE).filter(|value| is_csrf(value));
     if expected.is_some_and(|expected| bool::from(presented.as_bytes().ct_eq(expected.as_bytes())))
@@ -323,7 +296,9 @@ fn check_login_post(headers: &HeaderMap, presented: &str) -> Result<(), PageErro
         Ok(())
     } else {
         Err(PageError::Forbidden(
-            "this form did not come from this explorer's page: open the page again".to_owned(),
+            "this form did not come from this explorer's page (or the page is stale): open the \
+             page again"
+                .to_owned(),
         ))
     }
 }
@@ -414,29 +389,17 @@ mod tests {
     }
 
     #[test]
-    fn a_form_must_carry_the_visitors_csrf_value_from_a_cookie_it_already_had() {
-        let visitor = Visitor::signed_in(Role::Admin, "root");
-        let none = HeaderMap::new();
-        assert!(
-            visitor
-                .check_same_origin_post(&none, Some(&"ab".repeat(32)))
-                .is_ok()
-        );
-        assert!(
-            visitor
-                .check_same_origin_post(&none, Some(&"0".repeat(64)))
-                .is_err()
-        );
-        assert!(visitor.check_same_origin_post(&none, None).is_err());
-        let fresh = Visitor {
-            new_csrf: true,
-            ..Visitor::signed_in(Role::Admin, "root")
-        };
-        assert!(
-            fresh
-                .check_same_origin_post(&none, Some(&"ab".repeat(32)))
-                .is_err()
-        );
+    fn a_form_must_carry_the_csrf_value_of_a_cookie_the_browser_already_had() {
+        let value = "ab".repeat(32);
+        let cookie = format!("sagad_csrf={value}");
+        let had = headers(&[("cookie", &cookie)]);
+        assert!(check_post(&had, &value).is_ok());
+        assert!(check_post(&had, &"0".repeat(64)).is_err());
+        assert!(check_post(&had, "").is_err());
+        // A browser without the cookie (its value would be made now) cannot carry it yet.
+        assert!(check_post(&HeaderMap::new(), &value).is_err());
+        // Nor is a cookie of another shape taken.
+        assert!(check_post(&headers(&[("cookie", "sagad_csrf=ab")]), "ab").is_err());
     }
 
     #[test]

@@ -346,6 +346,41 @@ pub struct ListCursor {
     pub saga_id: Uuid,
 }
 
+impl ListCursor {
+    /// The last saga of a page, where the next one starts.
+    pub fn after(record: &SagaRecord) -> Self {
+        Self {
+            created_at: record.created_at,
+            saga_id: record.saga_id,
+        }
+    }
+
+    /// The cursor as clients carry it (a page token, a link): the creation time in
+    /// microseconds since 1970, a dot, and the saga id.
+    pub fn token(&self) -> String {
+        format!(
+            "{}.{}",
+            self.created_at.timestamp_micros(),
+            self.saga_id.simple()
+        )
+    }
+
+    /// A cursor [`token`](Self::token) made; `None` for any other text, or a time Postgres
+    /// cannot compare (years 1970 to 9999).
+    pub fn from_token(token: &str) -> Option<Self> {
+        const LATEST_MICROS: i64 = 253_402_300_799_999_999;
+        let (micros, saga_id) = token.split_once('.')?;
+        let micros: i64 = micros.parse().ok()?;
+        if !(0..=LATEST_MICROS).contains(&micros) {
+            return None;
+        }
+        Some(Self {
+            created_at: DateTime::from_timestamp_micros(micros)?,
+            saga_id: Uuid::parse_str(saga_id).ok()?,
+        })
+    }
+}
+
 /// The connection pools and every query sagad makes.
 #[derive(Debug, Clone)]
 pub struct Store {
